@@ -1,0 +1,72 @@
+"""The quantizer of DESIGN section 1: min-max init, fake quant with straight-through rounding.
+
+Weights are `[N, K]` (out, in) like `nn.Linear.weight`; scales and zeros are `[G, N]` like the storage
+format, so the trainable state packs without transposes.
+"""
+from __future__ import annotations
+
+import torch
+
+from .spec import QuantSpec
+
+SCALE_MIN, SCALE_MAX = 1e-4, 1e4
+
+
+def check_finite_weight(weight: torch.Tensor, what: str = "weight") -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"{what} must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"{what} must be a floating-point tensor, got {weight.dtype}")
+    if not torch.isfinite(weight).all():
+        bad = (~torch.isfinite(weight)).sum().item()
+        raise ValueError(f"{what} has {bad} NaN/Inf values: refusing to quantize non-finite weights")
+
+
+def expand_groups(per_group: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """`[G, N]` -> `[N, K]`: each group's value repeated over its features; the last group may be partial."""
+    return per_group.t().repeat_interleave(spec.group, dim=1)[:, : spec.in_features]
+
+
+def _group_view(weight: torch.Tensor, spec: QuantSpec, pad_value: float) -> torch.Tensor:
+    """`[N, K]` -> `[N, G, g]`, padding the partial last group with `pad_value`."""
+    padded_k = spec.num_groups * spec.group
+    if padded_k != spec.in_features:
+        weight = torch.nn.functional.pad(weight, (0, padded_k - spec.in_features), value=pad_value)
+    return weight.reshape(spec.out_features, spec.num_groups, spec.group)
+
+
+def minmax_init(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group asymmetric min-max: `s = clamp((max-min)/qmax)`, `z = round(-min/s)`; both `[G, N]` fp32."""
+    check_finite_weight(weight)
+    w = weight.detach().float()
+    wmax = _group_view(w, spec, float("-inf")).amax(dim=-1)
+    wmin = _group_view(w, spec, float("inf")).amin(dim=-1)
+    scales = ((wmax - wmin) / spec.qmax).clamp(SCALE_MIN, SCALE_MAX)
+    zeros = torch.round(-wmin / scales)
+    return scales.t().contiguous(), zeros.t().contiguous()
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round forward, identity backward."""
+    return (x.round() - x).detach() + x
+
+
+def fake_quantize(
+    weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec
+) -> torch.Tensor:
+    """`W_hat = (clamp(round(W/s') + z', 0, qmax) - z') * s'`, differentiable in W, s and z (LSQ+ gradients)."""
+    s = expand_groups(scales.clamp(SCALE_MIN, SCALE_MAX), spec)
+    z = expand_groups(round_ste(zeros).clamp(0, spec.qmax), spec)
+    q = torch.clamp(round_ste(weight / s) + z, 0, spec.qmax)
+    return (q - z) * s
+
+
+def quantize_codes(
+    weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes `[K, N]` (storage orientation) and integer zeros `[G, N]`, both int32."""
+    check_finite_weight(weight)
+    s = scales.detach().float().clamp(SCALE_MIN, SCALE_MAX)
+    z = zeros.detach().float().round().clamp(0, spec.qmax)
+    q = torch.clamp(torch.round(weight.detach().float() / expand_groups(s, spec)) + expand_groups(z, spec), 0, spec.qmax)
+    return q.t().to(torch.int32).contiguous(), z.to(torch.int32)

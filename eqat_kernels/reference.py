@@ -1,0 +1,55 @@
+"""Plain-PyTorch forward, dx, ds and dequantize on the packed format: the oracle for every kernel.
+
+Slow on purpose (it unpacks on every call); it computes in the dtype it is given, so tests call it in
+float64 to get the reference the kernels are held to.
+"""
+from __future__ import annotations
+
+import torch
+
+from .packing import unpack_qweight, unpack_qzeros
+from .quantizer import expand_groups
+from .spec import QuantSpec
+
+
+def codes_minus_zeros(qweight: torch.Tensor, qzeros: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """`(q - z)` as `[N, K]` int32: the part of `W_hat` that stays fixed while scales train."""
+    q = unpack_qweight(qweight, spec.bits, spec.in_features).t()
+    z = unpack_qzeros(qzeros, spec.bits, spec.out_features)
+    return q - expand_groups(z, spec)
+
+
+def dequantize(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, spec: QuantSpec,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dense `W_hat = (q - z) * s`, shape `[N, K]`."""
+    return codes_minus_zeros(qweight, qzeros, spec).to(dtype) * expand_groups(scales.to(dtype), spec)
+
+
+def forward(x, qweight, qzeros, scales, spec: QuantSpec, bias=None) -> torch.Tensor:
+    """`y = x @ W_hat^T (+ bias)` over the last dim of `x`."""
+    y = x @ dequantize(qweight, qzeros, scales, spec, x.dtype).t()
+    return y if bias is None else y + bias.to(x.dtype)
+
+
+def grad_input(dy, qweight, qzeros, scales, spec: QuantSpec) -> torch.Tensor:
+    """`dx = dy @ W_hat`."""
+    return dy @ dequantize(qweight, qzeros, scales, spec, dy.dtype)
+
+
+def group_sum(values_nk: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Sum `[N, K]` over each group's features -> `[G, N]` (partial last group included)."""
+    pad = spec.num_groups * spec.group - spec.in_features
+    v = torch.nn.functional.pad(values_nk, (0, pad)) if pad else values_nk
+    return v.reshape(spec.out_features, spec.num_groups, spec.group).sum(-1).t()
+
+
+def grad_scales(x, dy, qweight, qzeros, scales, spec: QuantSpec, with_zeros: bool = False):
+    """`ds[g, n] = sum_{k in g} (q - z)[n, k] * (dy^T x)[n, k]`; with `with_zeros`, also `dz = -s * sum (dy^T x)`."""
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    grad_w = dy2.t() @ x2  # [N, K]: the dense weight gradient the Triton kernel never builds
+    ds = group_sum(codes_minus_zeros(qweight, qzeros, spec).to(grad_w.dtype) * grad_w, spec)
+    if not with_zeros:
+        return ds, None
+    return ds, -scales.to(grad_w.dtype) * group_sum(grad_w, spec)

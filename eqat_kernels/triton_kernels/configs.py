@@ -1,0 +1,84 @@
+"""Launch configurations as data, kept apart from the kernel math (the gemlite way).
+
+Each kernel has a short curated candidate list per M bucket; `select_config` returns the tuned winner
+for a shape bucket if `warmup` measured one, else the curated default. Selection only reads a dict,
+so nothing is ever re-tuned inside a training step.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DECODE_MAX_M = 8  # at or below this many rows the split-K GEMV beats tiles padded to 16 rows
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+    group_m: int = 8
+
+
+# kernel -> M bucket upper bound -> candidates (first = default). None = any larger M.
+CANDIDATES: dict[str, list[tuple[int | None, list[KernelConfig]]]] = {
+    "gemm": [
+        (32, [KernelConfig(16, 64, 64), KernelConfig(16, 128, 64), KernelConfig(32, 64, 128)]),
+        (128, [KernelConfig(64, 64, 64), KernelConfig(32, 128, 64), KernelConfig(64, 128, 64, 4, 3)]),
+        (None, [KernelConfig(128, 128, 64, 8, 3), KernelConfig(128, 64, 64, 4, 3), KernelConfig(64, 128, 64, 4, 3)]),
+    ],
+    "decode": [(None, [KernelConfig(1, 128, 128), KernelConfig(1, 64, 128), KernelConfig(1, 256, 64, 8)])],
+    "grad_input": [
+        (128, [KernelConfig(32, 64, 64), KernelConfig(64, 64, 64)]),
+        (None, [KernelConfig(128, 64, 64, 8, 3), KernelConfig(64, 64, 64, 4, 3)]),
+    ],
+    "grad_scales": [(None, [KernelConfig(64, 64, 64, 4, 2), KernelConfig(128, 64, 64, 8, 2), KernelConfig(64, 128, 32, 4, 2)])],
+    "dequantize": [(None, [KernelConfig(1, 64, 64), KernelConfig(1, 128, 128, 8)])],
+}
+
+_TUNED: dict[str, KernelConfig] = {}
+
+
+def m_bucket(m: int) -> int:
+    """Next power of two, so one tuned entry covers a range of batch sizes."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def bucket_key(kernel: str, m: int, n: int, k: int, bits: int, group: int) -> str:
+    return f"{kernel}|m{m_bucket(m)}|n{m_bucket(n)}|k{m_bucket(k)}|b{bits}|g{group}"
+
+
+def candidates(kernel: str, m: int) -> list[KernelConfig]:
+    for upper, configs in CANDIDATES[kernel]:
+        if upper is None or m <= upper:
+            return configs
+    raise AssertionError("the last bucket has no upper bound")
+
+
+def fit_block_k(block_k: int, group: int) -> int:
+    """Largest power-of-two block <= block_k that divides the group, so a tile never straddles groups."""
+    while block_k > 16 and group % block_k:
+        block_k //= 2
+    if group % block_k:
+        raise ValueError(f"group size {group} has no block size >= 16 dividing it")
+    return block_k
+
+
+def select_config(kernel: str, m: int, n: int, k: int, bits: int, group: int) -> KernelConfig:
+    return _TUNED.get(bucket_key(kernel, m, n, k, bits, group)) or candidates(kernel, m)[0]
+
+
+def record_tuned(key: str, config: KernelConfig) -> None:
+    _TUNED[key] = config
+
+
+def save_tuned(path: str | Path) -> None:
+    Path(path).write_text(json.dumps({k: asdict(v) for k, v in _TUNED.items()}, indent=1))
+
+
+def load_tuned(path: str | Path) -> None:
+    for key, value in json.loads(Path(path).read_text()).items():
+        _TUNED[key] = KernelConfig(**value)

@@ -1,0 +1,163 @@
+"""The Triton kernels: large-M forward GEMM, decode split-K forward + deterministic reduction,
+input gradient, fused scale gradient, dequantize. Launch logic and configs live elsewhere.
+
+Every tile along K lies inside one quantization group (BLOCK_K divides the group size), so each
+tile reads its scales and zero points once; the partial last group is masked, never assumed away.
+"""
+import triton
+import triton.language as tl
+
+from .common import dequant_tile, load_codes, load_zeros, mma
+
+
+@triton.jit
+def gemm_fwd_kernel(
+    x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y[M, N] = x[M, K] @ W_hat^T, tiled tl.dot with W dequantized in registers."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n  # grouped ordering keeps weight tiles hot in L2
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+                    mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
+        w = dequant_tile(qw_ptr, qz_ptr, s_ptr, k[:, None], offs_n[None, :], k0 // GROUP, K, N, BITS)
+        acc = mma(x, w.to(x.dtype), acc, DOT_PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def decode_splitk_kernel(
+    x_ptr, qw_ptr, qz_ptr, s_ptr, ws_ptr, M, N, K, stride_xm, K_PER_SPLIT,
+    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Partial sums ws[split, m, n] over one K range per program: GEMV for decode-sized M, no atomics."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + offs_k
+        x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        gi = k0 // GROUP
+        q = load_codes(qw_ptr, k[:, None], offs_n[None, :], K, N, BITS)
+        z = load_zeros(qz_ptr, gi, offs_n, N, BITS)
+        s = tl.load(s_ptr + gi * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        # sum_k x_k (q - z) s = s * (sum_k x_k q_k - z * sum_k x_k): one multiply per group, not per weight
+        acc += s * (tl.sum(x[:, None] * q.to(tl.float32), axis=0) - z.to(tl.float32) * tl.sum(x, axis=0))
+    tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, acc, mask=offs_n < N)
+
+
+@triton.jit
+def splitk_reduce_kernel(
+    ws_ptr, b_ptr, y_ptr, M, N, stride_ym,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """y[m, n] = sum over splits in a fixed order (deterministic) + bias, cast to the output dtype."""
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for split in range(SPLIT_K):
+        acc += tl.load(ws_ptr + (split * M + m) * N + offs_n, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grad_input_kernel(
+    dy_ptr, qw_ptr, qz_ptr, s_ptr, dx_ptr, M, N, K, stride_dym, stride_dxm,
+    GROUP: tl.constexpr, BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dx[M, K] = dy[M, N] @ W_hat[N, K], reading the packed weights transposed."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    gi = (pid_k * BLOCK_K) // GROUP
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + offs_n
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + n[None, :],
+                     mask=(offs_m[:, None] < M) & (n[None, :] < N), other=0.0)
+        w = dequant_tile(qw_ptr, qz_ptr, s_ptr, offs_k[None, :], n[:, None], gi, K, N, BITS)
+        acc = mma(dy, w.to(dy.dtype), acc, DOT_PRECISION, UPCAST)
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+@triton.jit
+def grad_scales_kernel(
+    x_ptr, dy_ptr, qw_ptr, qz_ptr, s_ptr, ds_ptr, dz_ptr, M, N, K, stride_xm, stride_dym,
+    GROUP: tl.constexpr, BITS: tl.constexpr, COMPUTE_DZ: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """ds[g, n] = sum_{k in g} (q - z)[k, n] * (x^T dy)[k, n], one program per (group, N tile).
+
+    The K x N weight gradient exists only tile by tile in registers; each program owns its output
+    elements, so the result is deterministic (no atomics).
+    """
+    pid_n = tl.program_id(0)
+    gi = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    z = load_zeros(qz_ptr, gi, offs_n, N, BITS)
+    ds = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dz = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for kk in range(0, GROUP, BLOCK_K):
+        k = gi * GROUP + kk + offs_k
+        gw = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            m = m0 + offs_m
+            xt = tl.load(x_ptr + m[None, :] * stride_xm + k[:, None],
+                         mask=(m[None, :] < M) & (k[:, None] < K), other=0.0)
+            dy = tl.load(dy_ptr + m[:, None] * stride_dym + offs_n[None, :],
+                         mask=(m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+            gw = mma(xt, dy, gw, DOT_PRECISION, UPCAST)
+        q = load_codes(qw_ptr, k[:, None], offs_n[None, :], K, N, BITS)
+        ds += tl.sum((q - z[None, :]).to(tl.float32) * gw, axis=0)
+        if COMPUTE_DZ:
+            dz += tl.sum(gw, axis=0)
+    tl.store(ds_ptr + gi * N + offs_n, ds, mask=offs_n < N)
+    if COMPUTE_DZ:
+        s = tl.load(s_ptr + gi * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.store(dz_ptr + gi * N + offs_n, -s * dz, mask=offs_n < N)
+
+
+@triton.jit
+def dequantize_kernel(
+    qw_ptr, qz_ptr, s_ptr, w_ptr, N, K,
+    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Dense W_hat[N, K] in the output dtype."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    gi = (pid_k * BLOCK_K) // GROUP
+    w = dequant_tile(qw_ptr, qz_ptr, s_ptr, offs_k[None, :], offs_n[:, None], gi, K, N, BITS)
+    tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))

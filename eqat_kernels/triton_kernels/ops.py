@@ -1,0 +1,143 @@
+"""Host-side launchers: validate, pick a config, allocate, launch. One function per kernel."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ..spec import QuantSpec
+from . import kernels
+from .configs import DECODE_MAX_M, KernelConfig, fit_block_k, select_config
+
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SM_COUNT_FALLBACK = 132
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    """fp32 activations get exact fp32 products (tf32 would miss the 1e-5 tolerance); under the CPU
+    interpreter bf16 dot operands are upcast, working around its broken bf16 tl.dot."""
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    return {"DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            "UPCAST": interpreting and dtype == torch.bfloat16}
+
+
+def check_activation(x: torch.Tensor, spec: QuantSpec, features: int, what: str) -> torch.Tensor:
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"{what} dtype {x.dtype} unsupported: use float16, bfloat16 or float32")
+    if x.shape[-1] != features:
+        raise ValueError(f"{what} has {x.shape[-1]} features in its last dim, the layer expects {features}")
+    return x.reshape(-1, features).contiguous()
+
+
+def check_packed(qweight, qzeros, scales, spec: QuantSpec, device: torch.device) -> None:
+    for name, t, shape, dtypes in (
+        ("qweight", qweight, spec.qweight_shape, (torch.int32,)),
+        ("qzeros", qzeros, spec.qzeros_shape, (torch.int32,)),
+        ("scales", scales, spec.scales_shape, ACTIVATION_DTYPES),
+    ):
+        if tuple(t.shape) != shape or t.dtype not in dtypes:
+            raise ValueError(f"{name} must be {shape} {dtypes}, got {tuple(t.shape)} {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the activations are on {device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT_FALLBACK
+
+
+def forward(x, qweight, qzeros, scales, spec: QuantSpec, bias=None, config: KernelConfig | None = None):
+    """`y = x @ W_hat^T (+ bias)`: split-K GEMV for M <= 8, tiled GEMM above."""
+    x2 = check_activation(x, spec, spec.in_features, "x")
+    check_packed(qweight, qzeros, scales, spec, x.device)
+    m, n, k = x2.shape[0], spec.out_features, spec.in_features
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    has_bias = bias is not None
+    b = bias.contiguous() if has_bias else y
+    if m <= DECODE_MAX_M:
+        cfg = config or select_config("decode", m, n, k, spec.bits, spec.group)
+        bk = fit_block_k(cfg.block_k, spec.group)
+        n_tiles = triton.cdiv(n, cfg.block_n)
+        k_tiles = triton.cdiv(k, bk)
+        split = max(1, min(k_tiles, triton.cdiv(2 * _sm_count(x.device), n_tiles * m)))
+        k_per_split = triton.cdiv(k_tiles, split) * bk
+        split = triton.cdiv(k, k_per_split)
+        ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+        kernels.decode_splitk_kernel[(n_tiles, split, m)](
+            x2, qweight, qzeros, scales, ws, m, n, k, x2.stride(0), k_per_split,
+            GROUP=spec.group, BITS=spec.bits, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        kernels.splitk_reduce_kernel[(m, triton.cdiv(n, 256))](
+            ws, b, y, m, n, y.stride(0), SPLIT_K=split, HAS_BIAS=has_bias, BLOCK_N=256,
+        )
+    else:
+        cfg = config or select_config("gemm", m, n, k, spec.bits, spec.group)
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        kernels.gemm_fwd_kernel[grid](
+            x2, qweight, qzeros, scales, b, y, m, n, k, x2.stride(0), y.stride(0),
+            GROUP=spec.group, BITS=spec.bits, HAS_BIAS=has_bias, **_dot_args(x.dtype),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=fit_block_k(cfg.block_k, spec.group),
+            GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return y.reshape(*x.shape[:-1], n)
+
+
+def grad_input(dy, qweight, qzeros, scales, spec: QuantSpec, config: KernelConfig | None = None):
+    """`dx = dy @ W_hat`."""
+    dy2 = check_activation(dy, spec, spec.out_features, "dy")
+    check_packed(qweight, qzeros, scales, spec, dy.device)
+    m, n, k = dy2.shape[0], spec.out_features, spec.in_features
+    dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
+    if m:
+        cfg = config or select_config("grad_input", m, n, k, spec.bits, spec.group)
+        bk = fit_block_k(cfg.block_k, spec.group)
+        kernels.grad_input_kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(k, bk))](
+            dy2, qweight, qzeros, scales, dx, m, n, k, dy2.stride(0), dx.stride(0),
+            GROUP=spec.group, BITS=spec.bits, **_dot_args(dy.dtype),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return dx.reshape(*dy.shape[:-1], k)
+
+
+def grad_scales(x, dy, qweight, qzeros, scales, spec: QuantSpec, with_zeros: bool = False,
+                config: KernelConfig | None = None):
+    """Fused `ds [G, N]` (and `dz` if asked) in fp32, never materializing the K x N weight gradient."""
+    x2 = check_activation(x, spec, spec.in_features, "x")
+    dy2 = check_activation(dy, spec, spec.out_features, "dy")
+    if x2.shape[0] != dy2.shape[0] or x.dtype != dy.dtype:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} and dy {tuple(dy.shape)} {dy.dtype} do not match")
+    check_packed(qweight, qzeros, scales, spec, x.device)
+    m, n, k = x2.shape[0], spec.out_features, spec.in_features
+    ds = torch.empty(spec.num_groups, n, dtype=torch.float32, device=x.device)
+    dz = torch.empty_like(ds) if with_zeros else ds
+    cfg = config or select_config("grad_scales", m, n, k, spec.bits, spec.group)
+    kernels.grad_scales_kernel[(triton.cdiv(n, cfg.block_n), spec.num_groups)](
+        x2, dy2, qweight, qzeros, scales, ds, dz, m, n, k, x2.stride(0), dy2.stride(0),
+        GROUP=spec.group, BITS=spec.bits, COMPUTE_DZ=with_zeros, **_dot_args(x.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=fit_block_k(cfg.block_k, spec.group),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return ds, (dz if with_zeros else None)
+
+
+def dequantize(qweight, qzeros, scales, spec: QuantSpec, dtype: torch.dtype = torch.float16,
+               config: KernelConfig | None = None):
+    """Dense `W_hat [N, K]`."""
+    check_packed(qweight, qzeros, scales, spec, qweight.device)
+    n, k = spec.out_features, spec.in_features
+    w = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    cfg = config or select_config("dequantize", 1, n, k, spec.bits, spec.group)
+    bk = fit_block_k(cfg.block_k, spec.group)
+    kernels.dequantize_kernel[(triton.cdiv(k, bk), triton.cdiv(n, cfg.block_n))](
+        qweight, qzeros, scales, w, n, k, GROUP=spec.group, BITS=spec.bits,
+        BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps,
+    )
+    return w

@@ -24,7 +24,12 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Dense `W_hat = (q - z) * s`, shape `[N, K]`."""
-    return codes_minus_zeros(qweight, qzeros, spec).to(dtype) * expand_groups(scales.to(dtype), spec)
+    return scale_codes(codes_minus_zeros(qweight, qzeros, spec), scales, spec, dtype)
+
+
+def scale_codes(cmz: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, dtype: torch.dtype) -> torch.Tensor:
+    """`W_hat` from precomputed `(q - z)`: what a cached CPU training path recomputes per step."""
+    return cmz.to(dtype) * expand_groups(scales.to(dtype), spec)
 
 
 def forward(x, qweight, qzeros, scales, spec: QuantSpec, bias=None) -> torch.Tensor:
@@ -47,9 +52,13 @@ def group_sum(values_nk: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def grad_scales(x, dy, qweight, qzeros, scales, spec: QuantSpec, with_zeros: bool = False):
     """`ds[g, n] = sum_{k in g} (q - z)[n, k] * (dy^T x)[n, k]`; with `with_zeros`, also `dz = -s * sum (dy^T x)`."""
+    return grad_scales_from_codes(x, dy, codes_minus_zeros(qweight, qzeros, spec), scales, spec, with_zeros)
+
+
+def grad_scales_from_codes(x, dy, cmz: torch.Tensor, scales, spec: QuantSpec, with_zeros: bool = False):
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     grad_w = dy2.t() @ x2  # [N, K]: the dense weight gradient the Triton kernel never builds
-    ds = group_sum(codes_minus_zeros(qweight, qzeros, spec).to(grad_w.dtype) * grad_w, spec)
+    ds = group_sum(cmz.to(grad_w.dtype) * grad_w, spec)
     if not with_zeros:
         return ds, None
     return ds, -scales.to(grad_w.dtype) * group_sum(grad_w, spec)

@@ -1,7 +1,8 @@
 """Device helpers shared by every kernel: read b-bit codes and zero points out of GPTQ-v2 words.
 
-Codes are one bit stream per column (code k at bit b*k). For 3 bits a code may straddle two words,
-so the helper reads the next word only for those (masked load) and shifts without ever shifting by 32.
+Codes are one bit stream per column (code k at bit b*k). Weights reach the kernels with 3-bit split
+into a 2-bit and a 1-bit plane (exact repack at load time) so that every word unpacks with shifts;
+zero points stay in the stream format, where a 3-bit zero may straddle two words.
 """
 import triton
 import triton.language as tl
@@ -18,18 +19,41 @@ def unpack_bits(lo, hi, shift, BITS: tl.constexpr):
 
 
 @triton.jit
-def load_codes(qw_ptr, k, n, K, N, BITS: tl.constexpr):
-    """Codes q[k, n] from qweight `[K*b/32, N]`; `k` and `n` broadcast to the tile shape (either orientation)."""
-    mask = (k < K) & (n < N)
-    bitpos = k * BITS
-    shift = bitpos % 32
-    ptrs = qw_ptr + (bitpos // 32) * N + n
-    lo = tl.load(ptrs, mask=mask, other=0)
-    if BITS == 3:
-        hi = tl.load(ptrs + N, mask=mask & (shift > 29), other=0)
+def _unpack_words(qw_ptr, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, TRANS: tl.constexpr):
+    """Codes for features k0..k0+BLOCK_K of a plane whose codes never straddle words (1/2/4/8 bits).
+
+    Each packed word is loaded once ([BLOCK_K*BITS/32, BN], no duplicate addresses) and expanded with
+    shifts in registers. TRANS gives the tile as [BN, BLOCK_K] instead of [BLOCK_K, BN].
+    """
+    PER: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER
+    rows = k0 // PER + tl.arange(0, WORDS)
+    shifts = tl.arange(0, PER) * BITS
+    if TRANS:
+        words = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None],
+                        mask=(rows[None, :] < K // PER) & (offs_n[:, None] < N), other=0)
+        q = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+        q = tl.reshape(q, (offs_n.shape[0], BLOCK_K))
     else:
-        hi = lo
-    return unpack_bits(lo, hi, shift, BITS)
+        words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
+                        mask=(rows[:, None] < K // PER) & (offs_n[None, :] < N), other=0)
+        q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+        q = tl.reshape(q, (BLOCK_K, offs_n.shape[0]))
+    return q
+
+
+@triton.jit
+def load_code_tile(qw_ptr, qh_ptr, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                   TRANS: tl.constexpr):
+    """int32 codes q[k0:k0+BLOCK_K, offs_n] ([BN, BLOCK_K] if TRANS). For 3 bits `qw_ptr`/`qh_ptr` are the
+    low-2-bit and high-1-bit planes of `packing.split_3bit_planes`; otherwise `qh_ptr` is unused."""
+    if BITS == 3:
+        low = _unpack_words(qw_ptr, k0, offs_n, K, N, 2, BLOCK_K, TRANS)
+        high = _unpack_words(qh_ptr, k0, offs_n, K, N, 1, BLOCK_K, TRANS)
+        q = low | (high << 2)
+    else:
+        q = _unpack_words(qw_ptr, k0, offs_n, K, N, BITS, BLOCK_K, TRANS)
+    return q
 
 
 @triton.jit
@@ -48,13 +72,17 @@ def load_zeros(qz_ptr, gi, n, N, BITS: tl.constexpr):
 
 
 @triton.jit
-def dequant_tile(qw_ptr, qz_ptr, s_ptr, k, n, gi, K, N, BITS: tl.constexpr):
-    """fp32 `(q - z) * s` for a tile whose features all lie in group `gi`; `n` must be the 1-D column index
-    broadcast as either `[1, BN]` (tile [BK, BN]) or `[BN, 1]` (tile [BN, BK])."""
-    q = load_codes(qw_ptr, k, n, K, N, BITS)
-    z = load_zeros(qz_ptr, gi, n, N, BITS)
-    s = tl.load(s_ptr + gi * N + n, mask=n < N, other=0.0).to(tl.float32)
-    return (q - z).to(tl.float32) * s
+def dequant_tile(qw_ptr, qh_ptr, qz_ptr, s_ptr, k0, offs_n, gi, K, N, BITS: tl.constexpr,
+                 BLOCK_K: tl.constexpr, TRANS: tl.constexpr):
+    """fp32 `(q - z) * s` for features k0..k0+BLOCK_K, all inside group `gi`."""
+    q = load_code_tile(qw_ptr, qh_ptr, k0, offs_n, K, N, BITS, BLOCK_K, TRANS)
+    z = load_zeros(qz_ptr, gi, offs_n, N, BITS)
+    s = tl.load(s_ptr + gi * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    if TRANS:
+        w = (q - z[:, None]).to(tl.float32) * s[:, None]
+    else:
+        w = (q - z[None, :]).to(tl.float32) * s[None, :]
+    return w
 
 
 @triton.jit
@@ -62,5 +90,7 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """`acc + a @ b` on tensor cores. UPCAST feeds fp32 operands instead: only for Triton 3.9's CPU
     interpreter, whose bf16 tl.dot returns garbage (a plain 16x16 bf16 dot is off by 1e10 there)."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc

@@ -7,12 +7,12 @@ tile reads its scales and zero points once; the partial last group is masked, ne
 import triton
 import triton.language as tl
 
-from .common import dequant_tile, load_codes, load_zeros, mma
+from .common import dequant_tile, load_code_tile, load_zeros, mma
 
 
 @triton.jit
 def gemm_fwd_kernel(
-    x_ptr, qw_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    x_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -33,7 +33,7 @@ def gemm_fwd_kernel(
         k = k0 + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                     mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-        w = dequant_tile(qw_ptr, qz_ptr, s_ptr, k[:, None], offs_n[None, :], k0 // GROUP, K, N, BITS)
+        w = dequant_tile(qw_ptr, qh_ptr, qz_ptr, s_ptr, k0, offs_n, k0 // GROUP, K, N, BITS, BLOCK_K, False)
         acc = mma(x, w.to(x.dtype), acc, DOT_PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -43,7 +43,7 @@ def gemm_fwd_kernel(
 
 @triton.jit
 def decode_splitk_kernel(
-    x_ptr, qw_ptr, qz_ptr, s_ptr, ws_ptr, M, N, K, stride_xm, K_PER_SPLIT,
+    x_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, ws_ptr, M, N, K, stride_xm, K_PER_SPLIT,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Partial sums ws[split, m, n] over one K range per program: GEMV for decode-sized M, no atomics."""
@@ -59,7 +59,7 @@ def decode_splitk_kernel(
         k = k0 + offs_k
         x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
         gi = k0 // GROUP
-        q = load_codes(qw_ptr, k[:, None], offs_n[None, :], K, N, BITS)
+        q = load_code_tile(qw_ptr, qh_ptr, k0, offs_n, K, N, BITS, BLOCK_K, False)
         z = load_zeros(qz_ptr, gi, offs_n, N, BITS)
         s = tl.load(s_ptr + gi * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         # sum_k x_k (q - z) s = s * (sum_k x_k q_k - z * sum_k x_k): one multiply per group, not per weight
@@ -86,7 +86,7 @@ def splitk_reduce_kernel(
 
 @triton.jit
 def grad_input_kernel(
-    dy_ptr, qw_ptr, qz_ptr, s_ptr, dx_ptr, M, N, K, stride_dym, stride_dxm,
+    dy_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, dx_ptr, M, N, K, stride_dym, stride_dxm,
     GROUP: tl.constexpr, BITS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -102,7 +102,7 @@ def grad_input_kernel(
         n = n0 + offs_n
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + n[None, :],
                      mask=(offs_m[:, None] < M) & (n[None, :] < N), other=0.0)
-        w = dequant_tile(qw_ptr, qz_ptr, s_ptr, offs_k[None, :], n[:, None], gi, K, N, BITS)
+        w = dequant_tile(qw_ptr, qh_ptr, qz_ptr, s_ptr, pid_k * BLOCK_K, n, gi, K, N, BITS, BLOCK_K, True)
         acc = mma(dy, w.to(dy.dtype), acc, DOT_PRECISION, UPCAST)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
@@ -110,7 +110,7 @@ def grad_input_kernel(
 
 @triton.jit
 def grad_scales_kernel(
-    x_ptr, dy_ptr, qw_ptr, qz_ptr, s_ptr, ds_ptr, dz_ptr, M, N, K, stride_xm, stride_dym,
+    x_ptr, dy_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, ds_ptr, dz_ptr, M, N, K, stride_xm, stride_dym,
     GROUP: tl.constexpr, BITS: tl.constexpr, COMPUTE_DZ: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -137,7 +137,7 @@ def grad_scales_kernel(
             dy = tl.load(dy_ptr + m[:, None] * stride_dym + offs_n[None, :],
                          mask=(m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
             gw = mma(xt, dy, gw, DOT_PRECISION, UPCAST)
-        q = load_codes(qw_ptr, k[:, None], offs_n[None, :], K, N, BITS)
+        q = load_code_tile(qw_ptr, qh_ptr, gi * GROUP + kk, offs_n, K, N, BITS, BLOCK_K, False)
         ds += tl.sum((q - z[None, :]).to(tl.float32) * gw, axis=0)
         if COMPUTE_DZ:
             dz += tl.sum(gw, axis=0)
@@ -149,7 +149,7 @@ def grad_scales_kernel(
 
 @triton.jit
 def dequantize_kernel(
-    qw_ptr, qz_ptr, s_ptr, w_ptr, N, K,
+    qw_ptr, qh_ptr, qz_ptr, s_ptr, w_ptr, N, K,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Dense W_hat[N, K] in the output dtype."""
@@ -158,6 +158,6 @@ def dequantize_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     gi = (pid_k * BLOCK_K) // GROUP
-    w = dequant_tile(qw_ptr, qz_ptr, s_ptr, offs_k[None, :], offs_n[:, None], gi, K, N, BITS)
+    w = dequant_tile(qw_ptr, qh_ptr, qz_ptr, s_ptr, pid_k * BLOCK_K, offs_n, gi, K, N, BITS, BLOCK_K, True)
     tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
              mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))

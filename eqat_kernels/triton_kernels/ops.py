@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import os
 
+from typing import NamedTuple
+
 import torch
 import triton
 
+from ..packing import split_3bit_planes
 from ..spec import QuantSpec
 from . import kernels
 from .configs import DECODE_MAX_M, KernelConfig, fit_block_k, select_config
@@ -30,10 +33,29 @@ def check_activation(x: torch.Tensor, spec: QuantSpec, features: int, what: str)
     return x.reshape(-1, features).contiguous()
 
 
-def check_packed(qweight, qzeros, scales, spec: QuantSpec, device: torch.device) -> None:
+class KernelWeight(NamedTuple):
+    """Packed weight as the kernels read it: GPTQ-v2 qweight, or for 3 bits its two planes."""
+
+    main: torch.Tensor
+    high: torch.Tensor
+    qzeros: torch.Tensor
+
+
+def prepare_weight(qweight: torch.Tensor, qzeros: torch.Tensor, spec: QuantSpec) -> KernelWeight:
+    """Once per layer (at load or pack time), never per call."""
+    for name, t, shape in (("qweight", qweight, spec.qweight_shape), ("qzeros", qzeros, spec.qzeros_shape)):
+        if tuple(t.shape) != shape or t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32 {shape}, got {t.dtype} {tuple(t.shape)}")
+    if spec.bits == 3:
+        low, high = split_3bit_planes(qweight, spec.in_features)
+        return KernelWeight(low, high, qzeros.contiguous())
+    qweight = qweight.contiguous()
+    return KernelWeight(qweight, qweight, qzeros.contiguous())
+
+
+def check_packed(weight: KernelWeight, scales, spec: QuantSpec, device: torch.device) -> None:
     for name, t, shape, dtypes in (
-        ("qweight", qweight, spec.qweight_shape, (torch.int32,)),
-        ("qzeros", qzeros, spec.qzeros_shape, (torch.int32,)),
+        ("qzeros", weight.qzeros, spec.qzeros_shape, (torch.int32,)),
         ("scales", scales, spec.scales_shape, ACTIVATION_DTYPES),
     ):
         if tuple(t.shape) != shape or t.dtype not in dtypes:
@@ -42,6 +64,13 @@ def check_packed(qweight, qzeros, scales, spec: QuantSpec, device: torch.device)
             raise ValueError(f"{name} is on {t.device} but the activations are on {device}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
+    if weight.main.device != device:
+        raise ValueError(f"qweight is on {weight.main.device} but the activations are on {device}")
+
+
+def _output(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every kernel output is allocated here, so tests can poison it and catch unwritten elements."""
+    return torch.empty(*shape, dtype=dtype, device=device)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -50,12 +79,12 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT_FALLBACK
 
 
-def forward(x, qweight, qzeros, scales, spec: QuantSpec, bias=None, config: KernelConfig | None = None):
+def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config: KernelConfig | None = None):
     """`y = x @ W_hat^T (+ bias)`: split-K GEMV for M <= 8, tiled GEMM above."""
     x2 = check_activation(x, spec, spec.in_features, "x")
-    check_packed(qweight, qzeros, scales, spec, x.device)
+    check_packed(weight, scales, spec, x.device)
     m, n, k = x2.shape[0], spec.out_features, spec.in_features
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = _output(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     has_bias = bias is not None
@@ -68,9 +97,9 @@ def forward(x, qweight, qzeros, scales, spec: QuantSpec, bias=None, config: Kern
         split = max(1, min(k_tiles, triton.cdiv(2 * _sm_count(x.device), n_tiles * m)))
         k_per_split = triton.cdiv(k_tiles, split) * bk
         split = triton.cdiv(k, k_per_split)
-        ws = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+        ws = _output(split, m, n, dtype=torch.float32, device=x.device)
         kernels.decode_splitk_kernel[(n_tiles, split, m)](
-            x2, qweight, qzeros, scales, ws, m, n, k, x2.stride(0), k_per_split,
+            x2, *weight, scales, ws, m, n, k, x2.stride(0), k_per_split,
             GROUP=spec.group, BITS=spec.bits, BLOCK_N=cfg.block_n, BLOCK_K=bk,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -81,7 +110,7 @@ def forward(x, qweight, qzeros, scales, spec: QuantSpec, bias=None, config: Kern
         cfg = config or select_config("gemm", m, n, k, spec.bits, spec.group)
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
         kernels.gemm_fwd_kernel[grid](
-            x2, qweight, qzeros, scales, b, y, m, n, k, x2.stride(0), y.stride(0),
+            x2, *weight, scales, b, y, m, n, k, x2.stride(0), y.stride(0),
             GROUP=spec.group, BITS=spec.bits, HAS_BIAS=has_bias, **_dot_args(x.dtype),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=fit_block_k(cfg.block_k, spec.group),
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -89,17 +118,17 @@ def forward(x, qweight, qzeros, scales, spec: QuantSpec, bias=None, config: Kern
     return y.reshape(*x.shape[:-1], n)
 
 
-def grad_input(dy, qweight, qzeros, scales, spec: QuantSpec, config: KernelConfig | None = None):
+def grad_input(dy, weight: KernelWeight, scales, spec: QuantSpec, config: KernelConfig | None = None):
     """`dx = dy @ W_hat`."""
     dy2 = check_activation(dy, spec, spec.out_features, "dy")
-    check_packed(qweight, qzeros, scales, spec, dy.device)
+    check_packed(weight, scales, spec, dy.device)
     m, n, k = dy2.shape[0], spec.out_features, spec.in_features
-    dx = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
+    dx = _output(m, k, dtype=dy.dtype, device=dy.device)
     if m:
         cfg = config or select_config("grad_input", m, n, k, spec.bits, spec.group)
         bk = fit_block_k(cfg.block_k, spec.group)
         kernels.grad_input_kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(k, bk))](
-            dy2, qweight, qzeros, scales, dx, m, n, k, dy2.stride(0), dx.stride(0),
+            dy2, *weight, scales, dx, m, n, k, dy2.stride(0), dx.stride(0),
             GROUP=spec.group, BITS=spec.bits, **_dot_args(dy.dtype),
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -107,20 +136,20 @@ def grad_input(dy, qweight, qzeros, scales, spec: QuantSpec, config: KernelConfi
     return dx.reshape(*dy.shape[:-1], k)
 
 
-def grad_scales(x, dy, qweight, qzeros, scales, spec: QuantSpec, with_zeros: bool = False,
+def grad_scales(x, dy, weight: KernelWeight, scales, spec: QuantSpec, with_zeros: bool = False,
                 config: KernelConfig | None = None):
     """Fused `ds [G, N]` (and `dz` if asked) in fp32, never materializing the K x N weight gradient."""
     x2 = check_activation(x, spec, spec.in_features, "x")
     dy2 = check_activation(dy, spec, spec.out_features, "dy")
     if x2.shape[0] != dy2.shape[0] or x.dtype != dy.dtype:
         raise ValueError(f"x {tuple(x.shape)} {x.dtype} and dy {tuple(dy.shape)} {dy.dtype} do not match")
-    check_packed(qweight, qzeros, scales, spec, x.device)
+    check_packed(weight, scales, spec, x.device)
     m, n, k = x2.shape[0], spec.out_features, spec.in_features
-    ds = torch.empty(spec.num_groups, n, dtype=torch.float32, device=x.device)
-    dz = torch.empty_like(ds) if with_zeros else ds
+    ds = _output(spec.num_groups, n, dtype=torch.float32, device=x.device)
+    dz = _output(spec.num_groups, n, dtype=torch.float32, device=x.device) if with_zeros else ds
     cfg = config or select_config("grad_scales", m, n, k, spec.bits, spec.group)
     kernels.grad_scales_kernel[(triton.cdiv(n, cfg.block_n), spec.num_groups)](
-        x2, dy2, qweight, qzeros, scales, ds, dz, m, n, k, x2.stride(0), dy2.stride(0),
+        x2, dy2, *weight, scales, ds, dz, m, n, k, x2.stride(0), dy2.stride(0),
         GROUP=spec.group, BITS=spec.bits, COMPUTE_DZ=with_zeros, **_dot_args(x.dtype),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=fit_block_k(cfg.block_k, spec.group),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -128,16 +157,16 @@ def grad_scales(x, dy, qweight, qzeros, scales, spec: QuantSpec, with_zeros: boo
     return ds, (dz if with_zeros else None)
 
 
-def dequantize(qweight, qzeros, scales, spec: QuantSpec, dtype: torch.dtype = torch.float16,
+def dequantize(weight: KernelWeight, scales, spec: QuantSpec, dtype: torch.dtype = torch.float16,
                config: KernelConfig | None = None):
     """Dense `W_hat [N, K]`."""
-    check_packed(qweight, qzeros, scales, spec, qweight.device)
+    check_packed(weight, scales, spec, weight.main.device)
     n, k = spec.out_features, spec.in_features
-    w = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    w = _output(n, k, dtype=dtype, device=weight.main.device)
     cfg = config or select_config("dequantize", 1, n, k, spec.bits, spec.group)
     bk = fit_block_k(cfg.block_k, spec.group)
     kernels.dequantize_kernel[(triton.cdiv(k, bk), triton.cdiv(n, cfg.block_n))](
-        qweight, qzeros, scales, w, n, k, GROUP=spec.group, BITS=spec.bits,
+        *weight, scales, w, n, k, GROUP=spec.group, BITS=spec.bits,
         BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.num_warps,
     )
     return w

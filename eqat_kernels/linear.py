@@ -1,0 +1,157 @@
+"""QuantLinear: the drop-in `nn.Linear` replacement, in two states (DESIGN section 6).
+
+* trainable (Block-AP): fp `weight`, `scales`, `zeros` are parameters; forward is fake quantization.
+* packed (E2E-QP, inference): `qweight`/`qzeros` buffers and a `scales` parameter (frozen unless
+  E2E-QP trains it); `state_dict()` is exactly the GPTQ-v2 storage format.
+
+Packed dispatch by device: Triton kernels on CUDA; on CPU, torch's int4 kernel for inference and a
+cached reference path when gradients are needed. Repacked forms are cached, never rebuilt per call.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import cpu, quantizer, reference
+from .autograd import QuantLinearFunction, ReferencePath, TritonPath
+from .packing import pack_qweight, pack_qzeros
+from .spec import QuantSpec
+
+BACKENDS = ("auto", "triton", "cpu_int4", "reference")
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = True,
+                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None):
+        """An empty packed layer of the given shape, ready for `load_state_dict` (as when loading a checkpoint)."""
+        super().__init__()
+        self.spec = QuantSpec(bits, group_size, in_features, out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.backend = "auto"
+        self._cache: dict[str, object] = {}
+        self.register_buffer("qweight", torch.zeros(self.spec.qweight_shape, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(self.spec.qzeros_shape, dtype=torch.int32, device=device))
+        self.scales = nn.Parameter(torch.ones(self.spec.scales_shape, dtype=dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.weight = self.zeros = None
+
+    # ----- states -------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int) -> "QuantLinear":
+        """Trainable fake-quant layer initialised from `linear` with per-group min-max."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        quantizer.check_finite_weight(w, "linear.weight")
+        layer = cls(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
+                    dtype=w.dtype, device=w.device)
+        scales, zeros = quantizer.minmax_init(w, layer.spec)
+        del layer.qweight, layer.qzeros
+        layer.weight = nn.Parameter(w.detach().clone())
+        layer.scales = nn.Parameter(scales)
+        layer.zeros = nn.Parameter(zeros)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone())
+        return layer
+
+    @property
+    def is_packed(self) -> bool:
+        return self.weight is None
+
+    @torch.no_grad()
+    def pack(self, scales_dtype: torch.dtype = torch.float16) -> "QuantLinear":
+        """Round zeros, quantize W to integer codes, freeze: trainable -> packed (in place)."""
+        if self.is_packed:
+            raise RuntimeError("layer is already packed")
+        codes, zeros = quantizer.quantize_codes(self.weight, self.scales, self.zeros, self.spec)
+        scales = self.scales.detach().clamp(quantizer.SCALE_MIN, quantizer.SCALE_MAX).to(scales_dtype)
+        device = self.weight.device
+        del self.weight, self.zeros, self.scales
+        self.weight = self.zeros = None
+        self.register_buffer("qweight", pack_qweight(codes, self.spec.bits).to(device))
+        self.register_buffer("qzeros", pack_qzeros(zeros, self.spec.bits).to(device))
+        self.scales = nn.Parameter(scales, requires_grad=False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self._cache.clear()
+        return self
+
+    def train_scales(self, enabled: bool = True) -> "QuantLinear":
+        """E2E-QP: only the scales of a packed layer learn."""
+        if not self.is_packed:
+            raise RuntimeError("train_scales applies to packed layers; call pack() first")
+        self.scales.requires_grad_(enabled)
+        return self
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense `[N, K]` weight as the layer computes it (for export and checks)."""
+        dtype = dtype or self.scales.dtype
+        if not self.is_packed:
+            return quantizer.fake_quantize(self.weight, self.scales, self.zeros, self.spec).detach().to(dtype)
+        return reference.dequantize(self.qweight, self.qzeros, self.scales.detach(), self.spec, dtype)
+
+    # ----- compute --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point() or x.shape[-1] != self.in_features:
+            raise ValueError(f"QuantLinear expects floating-point input with last dim {self.in_features}, "
+                             f"got {x.dtype} {tuple(x.shape)}")
+        if not self.is_packed:
+            w_hat = quantizer.fake_quantize(self.weight, self.scales, self.zeros, self.spec)
+            return nn.functional.linear(x, w_hat.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if x.device != self.qweight.device:
+            raise ValueError(f"input on {x.device} but the layer's weights are on {self.qweight.device}")
+        backend = self._resolve_backend(x)
+        if backend == "cpu_int4":
+            return self._cpu_int4(x)
+        path = self._triton_path() if backend == "triton" else self._reference_path()
+        return QuantLinearFunction.apply(x, self.scales, self.bias, path)
+
+    def _resolve_backend(self, x: torch.Tensor) -> str:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend != "auto":
+            return self.backend
+        if x.is_cuda:
+            return "triton"
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.scales.requires_grad
+                                                  or (self.bias is not None and self.bias.requires_grad))
+        return "reference" if needs_grad else "cpu_int4"
+
+    def _triton_path(self) -> TritonPath:
+        if "triton" not in self._cache:
+            from .triton_kernels.ops import prepare_weight
+
+            self._cache["triton"] = TritonPath(prepare_weight(self.qweight, self.qzeros, self.spec), self.spec)
+        return self._cache["triton"]
+
+    def _reference_path(self) -> ReferencePath:
+        if "reference" not in self._cache:
+            cmz = reference.codes_minus_zeros(self.qweight, self.qzeros, self.spec).to(torch.int8)
+            self._cache["reference"] = ReferencePath(cmz, self.spec)
+        return self._cache["reference"]
+
+    def _cpu_int4(self, x: torch.Tensor) -> torch.Tensor:
+        # bf16 is the kernel's fast dtype (8x an fp32 nn.Linear at 4096^2, M=1); its error is bf16's.
+        version = (self.scales._version, self.scales.data_ptr())
+        cached = self._cache.get("cpu_int4")
+        if cached is None or cached[0] != version:
+            cached = (version, *cpu.repack_for_cpu(self.qweight, self.qzeros, self.scales.detach(), self.spec,
+                                                   torch.bfloat16))
+            self._cache["cpu_int4"] = cached
+        _, packed, scale_and_offset, group = cached
+        bias = None if self.bias is None else self.bias.detach()
+        return cpu.int4_matmul(x.to(torch.bfloat16), packed, scale_and_offset, group, bias).to(x.dtype)
+
+    # ----- nn.Module plumbing ----------------------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        self._cache.clear()  # cached repacks belong to the old device/dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache.clear()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        state = "packed" if self.is_packed else "trainable"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.spec.bits}, "
+                f"group_size={self.spec.group_size}, bias={self.bias is not None}, {state}")

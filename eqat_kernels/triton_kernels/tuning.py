@@ -1,0 +1,35 @@
+"""Measure the curated configs once on the real GPU and remember the winner per shape bucket.
+
+Call `warmup` before training or serving (the CLI does it once per distinct layer shape); afterwards
+`select_config` only reads the table, so a training step never times or recompiles anything new.
+"""
+from __future__ import annotations
+
+import torch
+import triton.testing
+
+from ..spec import QuantSpec
+from . import ops
+from .configs import DECODE_MAX_M, bucket_key, candidates, record_tuned
+
+
+def warmup(weight: ops.KernelWeight, scales: torch.Tensor, spec: QuantSpec, m_values=(1, 16, 64, 256, 2048),
+           dtype: torch.dtype = torch.float16, backward: bool = False) -> dict[str, str]:
+    """Time every candidate config of the forward (and dx/ds if `backward`) kernels; keep the fastest."""
+    if scales.device.type != "cuda":
+        raise RuntimeError("tuning times real kernels: it needs a CUDA device")
+    chosen: dict[str, str] = {}
+    for m in m_values:
+        x = torch.randn(m, spec.in_features, dtype=dtype, device=scales.device)
+        dy = torch.randn(m, spec.out_features, dtype=dtype, device=scales.device)
+        jobs = [("decode" if m <= DECODE_MAX_M else "gemm", lambda c: ops.forward(x, weight, scales, spec, config=c))]
+        if backward:
+            jobs += [("grad_input", lambda c: ops.grad_input(dy, weight, scales, spec, config=c)),
+                     ("grad_scales", lambda c: ops.grad_scales(x, dy, weight, scales, spec, config=c))]
+        for kernel, run in jobs:
+            timings = {cfg: triton.testing.do_bench(lambda: run(cfg)) for cfg in candidates(kernel, m)}
+            best = min(timings, key=timings.get)
+            key = bucket_key(kernel, m, spec.out_features, spec.in_features, spec.bits, spec.group)
+            record_tuned(key, best)
+            chosen[key] = f"{best} {timings[best] * 1e3:.1f} us"
+    return chosen

@@ -2,14 +2,19 @@
 
 `triton.compile` lowers a kernel to PTX and cubin for a chosen target; the register count and spill
 bytes only appear after PTX assembly, so `ptxas -v` from the Triton wheel is run on the PTX as well.
-Used by the tests (every kernel, bits, dtype, sm_80/sm_90) and by anyone curating configs.
+Used by the tests (every kernel, bits, dtype, sm_80/sm_90) and by anyone curating configs:
+`python -m eqat_kernels.triton_kernels.aot` prints the table. Must run without TRITON_INTERPRET.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import multiprocessing
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import triton
@@ -117,3 +122,43 @@ def build(name: str, cc: int, bits: int, dtype: str, config: KernelConfig, group
     stats = ptxas_stats(ptx, arch)
     return BuildReport(name, arch, bits, dtype, config, compiled.metadata.shared, cubin_bytes=len(compiled.asm["cubin"]),
                        has_mma=bool(re.search(r"\bmma\.sync", ptx)), has_wgmma="wgmma." in ptx, **stats)
+
+
+def shipped_builds() -> list[tuple[str, KernelConfig]]:
+    """Every (kernel, config) the launchers can pick."""
+    from .configs import CANDIDATES
+
+    builds = [(name, cfg) for name, buckets in CANDIDATES.items() for _, cfgs in buckets for cfg in cfgs]
+    return builds + [("splitk_reduce", KernelConfig(1, 256, 32))]
+
+
+def _build_row(job: tuple) -> dict:
+    name, cfg, cc, bits, dtype = job
+    return asdict(build(name, cc, bits, dtype, cfg))
+
+
+def build_all(ccs=(80, 90), bits=(2, 3, 4), dtypes=("float16", "bfloat16"), workers: int = 2) -> list[dict]:
+    """Build every shipped kernel config for every target; needs TRITON_INTERPRET unset."""
+    jobs = [(n, c, cc, b, d) for n, c in shipped_builds() for cc in ccs for b in bits for d in dtypes]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_build_row, jobs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build eqat's Triton kernels for sm_80/sm_90 on any machine.")
+    parser.add_argument("--json", help="write the full report here")
+    args = parser.parse_args()
+    rows = build_all()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(f"{'kernel':14} {'config':22} {'arch':7} {'bits':>4} {'dtype':9} {'regs':>4} {'smem B':>7} {'spill':>5} mma")
+    for r in rows:
+        c = r["config"]
+        cfg = f"{c['block_m']}x{c['block_n']}x{c['block_k']} w{c['num_warps']} s{c['num_stages']}"
+        tc = "wgmma" if r["has_wgmma"] else ("mma" if r["has_mma"] else "-")
+        print(f"{r['kernel']:14} {cfg:22} {r['arch']:7} {r['bits']:>4} {r['dtype']:9} {r['registers']:>4} "
+              f"{r['shared_bytes']:>7} {r['spill_store_bytes']:>5} {tc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Text in, token windows out: the calibration and evaluation data of every stage.
+
+Default text is the standard library's `pydoc_data.topics` (no download). Evaluation takes the first
+windows; calibration samples from the windows after them, so the two never overlap.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_TEXT = "stdlib"
+OTHER_GENRE_FILES = ("literature", "wisdom", "people", "art", "love")  # Debian's `fortunes` package
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+
+
+def stdlib_text() -> str:
+    """The Python documentation topics shipped with CPython (~465k characters)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def fortunes_text(directory: Path = FORTUNES_DIR) -> str:
+    """Quotations from literature and people (Debian's `fortunes`): a genre far from Python docs."""
+    missing = [name for name in OTHER_GENRE_FILES if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory} lacks {missing}: install Debian's `fortunes` package "
+                                "(apt-get install fortunes) or pass another text file")
+    parts = []
+    for name in OTHER_GENRE_FILES:
+        raw = (directory / name).read_text(encoding="utf-8", errors="replace")
+        parts += [q.strip() for q in raw.split("\n%\n") if q.strip()]
+    return "\n\n".join(parts)
+
+
+def load_text(source: str | None = None) -> str:
+    """`None`/"stdlib": the default text; "fortunes": the second-genre text; a `.txt` file; a `.jsonl`
+    file (its "text" field, or prompt + response); or `hf:NAME[:CONFIG][:SPLIT]` for a `datasets` dataset."""
+    if source in (None, DEFAULT_TEXT):
+        return _non_empty(stdlib_text(), "the stdlib text")
+    if source == "fortunes":
+        return _non_empty(fortunes_text(), "the fortunes text")
+    if source.startswith("hf:"):
+        return _non_empty(_dataset_text(source[3:]), source)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"text source {source!r} is neither a known name (stdlib, fortunes), "
+                                "an hf:dataset, nor an existing file")
+    if path.suffix == ".jsonl":
+        return _non_empty(_jsonl_text(path), str(path))
+    return _non_empty(path.read_text(encoding="utf-8"), str(path))
+
+
+def _non_empty(text: str, what: str) -> str:
+    if not text.strip():
+        raise ValueError(f"{what} is empty: nothing to calibrate or evaluate on")
+    return text
+
+
+def _jsonl_text(path: Path) -> str:
+    docs = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno} is not valid JSON: {e.msg}") from None
+        if "text" in record:
+            docs.append(str(record["text"]))
+        elif "prompt" in record and "response" in record:
+            docs.append(f"{record['prompt']}\n{record['response']}")
+        else:
+            raise ValueError(f"{path}:{lineno} has neither a 'text' field nor 'prompt' and 'response'")
+    return "\n\n".join(docs)
+
+
+def _dataset_text(spec: str) -> str:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("hf: text sources need the `datasets` package (pip install datasets)") from e
+    name, config, split = (spec.split(":") + [None, None])[:3]
+    ds = datasets.load_dataset(name, config or None, split=split or "train")
+    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    return "\n\n".join(str(t) for t in ds[column])
+
+
+@dataclass
+class TextWindows:
+    """Non-overlapping token windows `[n, seq_len]`, split into evaluation and calibration sets."""
+
+    eval: torch.Tensor
+    calib: torch.Tensor
+    val: torch.Tensor
+
+
+def tokenize_windows(tokenizer, text: str, seq_len: int) -> torch.Tensor:
+    """Tokenize once and cut into non-overlapping windows of `seq_len` tokens (the tail is dropped)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def split_windows(windows: torch.Tensor, n_eval: int, n_calib: int, n_val: int = 0, seed: int = 0) -> TextWindows:
+    """First `n_eval` windows evaluate; calibration and validation are drawn (seeded) from the rest."""
+    rest = windows.shape[0] - n_eval
+    if n_eval < 0 or n_calib < 0 or n_val < 0:
+        raise ValueError("window counts must be non-negative")
+    if n_calib + n_val > rest:
+        raise ValueError(f"{windows.shape[0]} windows cannot give {n_eval} for evaluation plus {n_calib} "
+                         f"for calibration and {n_val} for validation without overlap")
+    order = torch.randperm(rest, generator=torch.Generator().manual_seed(seed)) + n_eval
+    return TextWindows(eval=windows[:n_eval], calib=windows[order[:n_calib]],
+                       val=windows[order[n_calib:n_calib + n_val]])

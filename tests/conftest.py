@@ -15,3 +15,12 @@ def poisoned_outputs(monkeypatch):
     from eqat_kernels.triton_kernels import ops
 
     monkeypatch.setattr(ops, "_output", lambda *shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with a byte-level BPE tokenizer trained on the stdlib text: a complete local
+    Hugging Face folder, built offline in a few seconds."""
+    from helpers import build_tiny_model_dir
+
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_llama"), "llama")

@@ -1,0 +1,101 @@
+"""Baselines through the same block driver, quantizer and packer: RTN (min-max) and GPTQ."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from eqat_kernels import QuantLinear, quantizer
+
+from .blockwise import ActivationStore, BlockContext, swap_in_trainable
+
+
+def make_rtn(bits: int, group_size: int):
+    def quantize_block(index, block, ctx, q_in, fp_out, extras) -> dict:
+        for m in swap_in_trainable(block, bits, group_size).values():
+            m.pack()
+        return {}
+
+    return quantize_block
+
+
+@torch.no_grad()
+def _hessians(block: nn.Module, ctx: BlockContext, q_in: ActivationStore, batch: int) -> dict[str, torch.Tensor]:
+    """H = 2/n sum x x^T of every linear's input, from the block run on the quantized-path inputs."""
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    hs = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in linears.items()}
+    counts = dict.fromkeys(linears, 0)
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            hs[name] += 2 * x.t() @ x
+            counts[name] += x.shape[0]
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        for i in range(0, len(q_in), batch):
+            ctx.call(block, q_in.get(slice(i, i + batch)))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: hs[n] / max(counts[n], 1) for n in hs}
+
+
+@torch.no_grad()
+def gptq_quantize(layer: QuantLinear, hessian: torch.Tensor, damp: float = 0.01, block: int = 128) -> None:
+    """GPTQ (Frantar et al.) on a trainable QuantLinear: per-group min-max scales computed on the
+    error-updated weights as each group starts, codes with our quantizer; then pack()."""
+    spec = layer.spec
+    w = layer.weight.detach().double().clone()  # [N, K]
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    scales = torch.empty(spec.scales_shape, dtype=torch.float64)
+    zeros = torch.empty(spec.scales_shape, dtype=torch.float64)
+    k_total = spec.in_features
+    for b0 in range(0, k_total, block):
+        b1 = min(b0 + block, k_total)
+        w1 = w[:, b0:b1].clone()
+        err = torch.zeros_like(w1)
+        hinv1 = hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = b0 + j
+            g = col // spec.group
+            if col % spec.group == 0:
+                g_end = min(col + spec.group, k_total)
+                seg = torch.cat([w1[:, j:], w[:, b1:g_end]], dim=1)[:, : g_end - col]
+                wmax, wmin = seg.amax(1).clamp_min(0), seg.amin(1).clamp_max(0)
+                s = ((wmax - wmin) / spec.qmax).clamp(quantizer.SCALE_MIN, quantizer.SCALE_MAX)
+                scales[g], zeros[g] = s, torch.round(-wmin / s)
+            s, z = scales[g], zeros[g]
+            q = torch.clamp(torch.round(w1[:, j] / s) + z, 0, spec.qmax)
+            deq = (q - z) * s
+            e = (w1[:, j] - deq) / hinv1[j, j]
+            w1[:, j:] -= e.unsqueeze(1) * hinv1[j, j:].unsqueeze(0)
+            w1[:, j] = deq
+            err[:, j] = e
+        w[:, b0:b1] = w1
+        w[:, b1:] -= err @ hinv[b0:b1, b1:]
+    layer.weight.data.copy_(w.to(layer.weight.dtype))
+    layer.scales.data.copy_(scales.float())
+    layer.zeros.data.copy_(zeros.float())
+    layer.pack()
+
+
+def make_gptq(bits: int, group_size: int, damp: float = 0.01):
+    def quantize_block(index, block, ctx, q_in, fp_out, extras) -> dict:
+        hessians = _hessians(block, ctx, q_in, extras["batch_size"])
+        layers = swap_in_trainable(block, bits, group_size)
+        for name, layer in layers.items():
+            gptq_quantize(layer, hessians[name], damp)
+        return {}
+
+    return quantize_block
+
+

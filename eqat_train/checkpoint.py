@@ -1,0 +1,186 @@
+"""Quantized checkpoints (DESIGN section 4): a complete Hugging Face folder with GPTQ-v2 tensors.
+
+`save_quantized` writes config.json (with `quantization_config`), model.safetensors holding every
+tensor (packed layers plus embeddings, norms, head) and the tokenizer, into a temporary folder that is
+renamed into place only when complete. `load_quantized` rebuilds the model with packed QuantLinears
+and refuses anything that disagrees with its config. Only safetensors is ever read: no pickle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from eqat_kernels import QuantLinear
+from eqat_kernels.spec import QuantSpec
+
+CHECKPOINT_FORMATS = ("gptq_v2",)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def quantization_config(bits: int, group_size: int, extra: dict | None = None) -> dict:
+    """The config GPTQ-v2 loaders (GPTQModel, vLLM) read, plus eqat's own keys under `eqat`."""
+    return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "sym": False, "desc_act": False,
+            "checkpoint_format": "gptq_v2", "eqat": extra or {}}
+
+
+def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, qconfig: dict) -> Path:
+    """Write the folder atomically: a kill at any moment leaves either the old folder or the new one."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        _write_model(model, tmp, qconfig)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _check_config_written(tmp, qconfig)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_model(model: nn.Module, folder: Path, qconfig: dict) -> None:
+    """config.json + model.safetensors, written directly (a GGUF-loaded model refuses save_pretrained)."""
+    config = model.config.to_dict()
+    config["quantization_config"] = qconfig
+    config.pop("_name_or_path", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+    tied = _tied_names(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
+def _check_config_written(folder: Path, qconfig: dict) -> None:
+    written = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
+    if written.get("checkpoint_format") != qconfig["checkpoint_format"] or written.get("bits") != qconfig["bits"]:
+        raise RuntimeError("transformers did not keep quantization_config in config.json")
+
+
+def read_quantization_config(path: Path) -> dict:
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e.msg}") from None
+    q = config.get("quantization_config")
+    if not isinstance(q, dict):
+        raise ValueError(f"{config_path} has no quantization_config: not a quantized checkpoint")
+    fmt = q.get("checkpoint_format", "gptq")
+    if q.get("quant_method") != "gptq" or fmt not in CHECKPOINT_FORMATS:
+        raise ValueError(f"unsupported checkpoint: quant_method={q.get('quant_method')!r}, "
+                         f"checkpoint_format={fmt!r} (eqat reads {CHECKPOINT_FORMATS})")
+    QuantSpec(q.get("bits"), q.get("group_size"), 32, 32)  # validates bits and group size with clear errors
+    return q
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        hint = f" (found {pickles}: pickle files are never loaded, they can run code)" if pickles else ""
+        raise FileNotFoundError(f"{path} has no .safetensors weights{hint}")
+    tensors = {}
+    for f in files:
+        try:
+            tensors.update(load_file(f))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return tensors
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """(model, tokenizer) from an eqat/GPTQ-v2 folder, with packed QuantLinear layers."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    q = read_quantization_config(path)
+    bits, group_size = q["bits"], q["group_size"]
+    tensors = _load_tensors(path)
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # eqat builds the quantized layers itself
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quantized = {name[: -len(".qweight")] for name in tensors if name.endswith(".qweight")}
+    if not quantized:
+        raise ValueError(f"{path} holds no quantized layers (no *.qweight tensors)")
+    for name in sorted(quantized):
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"checkpoint layer {name!r} does not exist in a {config.model_type} model") from None
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"checkpoint quantizes {name!r}, which is a {type(linear).__name__}, not a linear layer")
+        _check_layer_tensors(tensors, name, linear, bits, group_size)
+        layer = QuantLinear(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
+                            dtype=tensors[f"{name}.scales"].dtype)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    expected = set(model.state_dict().keys())
+    tied = _tied_names(model)
+    missing = sorted(expected - set(tensors) - tied)
+    unexpected = sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match its config: missing tensors {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    model.load_state_dict({k: v for k, v in tensors.items()}, strict=False, assign=True)
+    for name, buf in list(model.named_buffers()):
+        if buf.device.type == "meta":  # non-persistent buffers (rotary inv_freq) are rebuilt, not stored
+            raise ValueError(f"buffer {name} was not restored")
+    model.tie_weights()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        if not name.endswith("scales") and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    return model, tokenizer
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    if getattr(model.config, "tie_word_embeddings", False):
+        out = model.get_output_embeddings()
+        for name, module in model.named_modules():
+            if module is out:
+                return {f"{name}.weight"}
+    return set()
+
+
+def _check_layer_tensors(tensors: dict, name: str, linear: nn.Linear, bits: int, group_size: int) -> None:
+    spec = QuantSpec(bits, group_size, linear.in_features, linear.out_features)
+    for key, shape, dtypes in ((f"{name}.qweight", spec.qweight_shape, (torch.int32,)),
+                               (f"{name}.qzeros", spec.qzeros_shape, (torch.int32,)),
+                               (f"{name}.scales", spec.scales_shape, (torch.float16, torch.bfloat16, torch.float32))):
+        if key not in tensors:
+            raise ValueError(f"checkpoint is missing {key}")
+        t = tensors[key]
+        if tuple(t.shape) != shape or t.dtype not in dtypes:
+            raise ValueError(f"{key} is {t.dtype} {tuple(t.shape)}, but bits={bits}, group_size={group_size} "
+                             f"and the layer's {linear.in_features}->{linear.out_features} need {shape}")
+    if not torch.isfinite(tensors[f"{name}.scales"]).all():
+        raise ValueError(f"{name}.scales has NaN/Inf values")

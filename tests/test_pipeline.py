@@ -1,0 +1,93 @@
+"""End to end on a tiny local model: quantize -> save -> load -> eval, every method, resume after kill -9."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eqat_kernels import QuantLinear
+from eqat_train import data, evaluate
+from eqat_train.checkpoint import load_quantized
+from eqat_train.cli import main as cli_main
+from eqat_train.pipeline import QuantizeOptions, quantize
+
+TINY = dict(bits=2, group_size=32, seq_len=32, calib_windows=8, val_windows=2, eval_windows=4,
+            eval_texts=["stdlib"], epochs=2)
+
+
+@pytest.mark.parametrize("method", ["block_ap", "rtn", "gptq"])
+def test_quantize_save_load_eval(tiny_model_dir, tmp_path, method):
+    out = tmp_path / method
+    results = quantize(QuantizeOptions(model=str(tiny_model_dir), out=str(out), method=method, **TINY), progress=False)
+    assert len(results["blocks"]) == 4
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert not out.with_name(out.name + ".partial").exists()
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["checkpoint_format"] == "gptq_v2" and config["bits"] == 2 and config["group_size"] == 32
+    assert config["sym"] is False and config["desc_act"] is False and config["eqat"]["method"] == method
+
+    model, tokenizer = load_quantized(out)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 4 * 7 and all(m.is_packed for m in layers)
+    windows = data.tokenize_windows(tokenizer, data.load_text(None), 32)[:4]
+    reloaded = evaluate.perplexity(model, windows, progress=False)
+    assert reloaded == pytest.approx(results["perplexity"]["stdlib"], rel=1e-3)
+
+
+def test_block_ap_lowers_every_blocks_validation_loss_below_its_minmax_start(tiny_model_dir, tmp_path):
+    """Held-out windows, packed weights: training must beat the min-max (RTN) initialisation per block."""
+    results = quantize(QuantizeOptions(model=str(tiny_model_dir), out=str(tmp_path / "bap"), **TINY), progress=False)
+    for stats in results["blocks"]:
+        assert stats["val_loss_packed"] < stats["val_loss_init"], stats
+
+
+def test_cli_eval_and_refusals(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["quantize", "--model", str(tiny_model_dir), "--out", str(out), "--method", "rtn", "--bits", "3",
+            "--group-size", "32", "--seq-len", "32", "--calib-windows", "4", "--val-windows", "0",
+            "--eval-windows", "2", "--eval-texts", "stdlib"]
+    assert cli_main(args) == 0
+    assert cli_main(["eval", str(out), "--windows", "2", "--seq-len", "32"]) == 0
+    assert '"stdlib"' in capsys.readouterr().out
+    assert cli_main(args) == 2  # a finished checkpoint is never overwritten
+    assert "already holds a finished checkpoint" in capsys.readouterr().err
+    assert cli_main(["eval", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def _quantize_cmd(model_dir, out):
+    return [sys.executable, "-m", "eqat_train.cli", "quantize", "--model", str(model_dir), "--out", str(out),
+            "--bits", "2", "--group-size", "32", "--seq-len", "32", "--calib-windows", "16", "--val-windows", "2",
+            "--eval-windows", "2", "--eval-texts", "stdlib", "--epochs", "3"]
+
+
+def test_kill_9_then_rerun_resumes_and_matches(tiny_model_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_quantize_cmd(tiny_model_dir, reference), env=env, check=True, capture_output=True)
+
+    out = tmp_path / "killed"
+    progress = out.with_name(out.name + ".partial") / "progress.json"
+    proc = subprocess.Popen(_quantize_cmd(tiny_model_dir, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists() and 1 <= json.loads(progress.read_text())["blocks_done"] < 4:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(progress.read_text())["blocks_done"]
+    assert 1 <= done < 4 and not (out / "model.safetensors").exists()
+
+    rerun = subprocess.run(_quantize_cmd(tiny_model_dir, out), env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    a, b = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -23,8 +23,11 @@ def _add_quantize(sub) -> None:
     p.add_argument("--val-windows", type=int, default=8)
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--eval-texts", nargs="*", default=["stdlib", "fortunes"])
-    p.add_argument("--epochs", type=int, default=None, help="Block-AP epochs (default 2)")
-    p.add_argument("--lr-scale", type=float, default=None, help="Block-AP learning-rate multiplier (default 20)")
+    p.add_argument("--epochs", type=int, default=None, help="Block-AP epochs (default 1)")
+    p.add_argument("--lr-scale", type=float, default=None,
+                   help="Block-AP weight learning-rate multiplier over the published 2e-5/1e-5 (default 200)")
+    p.add_argument("--lr-scale-quant", type=float, default=None,
+                   help="Block-AP scale/zero learning-rate multiplier over the published 1e-4 (default 25)")
     p.add_argument("--loss", choices=["token", "mse"], default="token")
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
     p.add_argument("--offload", action="store_true", help="keep cached activations memory-mapped on disk")
@@ -38,7 +41,7 @@ def _quantize(args) -> dict:
                            group_size=args.group_size, text=args.text, seq_len=args.seq_len,
                            val_windows=args.val_windows, eval_windows=args.eval_windows, eval_texts=args.eval_texts,
                            loss=args.loss, bf16=not args.no_bf16, offload=args.offload, seed=args.seed)
-    for name in ("calib_windows", "epochs", "lr_scale"):
+    for name in ("calib_windows", "epochs", "lr_scale", "lr_scale_quant"):
         if getattr(args, name) is not None:
             setattr(opts, name, getattr(args, name))
     return quantize(opts)

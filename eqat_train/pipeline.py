@@ -32,8 +32,9 @@ class QuantizeOptions:
     val_windows: int = 8
     eval_windows: int = 40
     eval_texts: list[str] = field(default_factory=lambda: ["stdlib", "fortunes"])
-    epochs: int = 2
-    lr_scale: float = 20.0
+    epochs: int = 1
+    lr_scale: float = 200.0
+    lr_scale_quant: float = 25.0
     loss: str = "token"
     bf16: bool = True
     batch_size: int = 2
@@ -67,6 +68,7 @@ def quantize(opts: QuantizeOptions, progress: bool = True) -> dict:
     split = data.split_windows(windows, opts.eval_windows, opts.calib_windows, opts.val_windows, opts.seed)
     if opts.method == "block_ap":
         cfg = BlockAPConfig(bits=opts.bits, group_size=opts.group_size, epochs=opts.epochs, lr_scale=opts.lr_scale,
+                            lr_scale_quant=opts.lr_scale_quant,
                             loss=opts.loss, bf16=opts.bf16, seed=opts.seed)
         step, method_options = make_block_ap(cfg), cfg.as_dict()
     elif opts.method == "rtn":

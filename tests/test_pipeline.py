@@ -17,7 +17,7 @@ from eqat_train.cli import main as cli_main
 from eqat_train.pipeline import QuantizeOptions, quantize
 
 TINY = dict(bits=2, group_size=32, seq_len=32, calib_windows=8, val_windows=2, eval_windows=4,
-            eval_texts=["stdlib"], epochs=2)
+            eval_texts=["stdlib"], epochs=2, lr_scale=20.0, lr_scale_quant=20.0)
 
 
 @pytest.mark.parametrize("method", ["block_ap", "rtn", "gptq"])

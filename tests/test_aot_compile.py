@@ -32,8 +32,12 @@ def _run_uninterpreted(code: str, tmp_path) -> str:
 def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("aot")
     _run_uninterpreted("""
+        import sys
         from eqat_kernels.triton_kernels.aot import main
-        import sys; sys.argv = ["aot", "--json", "report.json"]; main()
+
+        if __name__ == "__main__":  # the build pool spawns workers that re-import this file
+            sys.argv = ["aot", "--json", "report.json"]
+            main()
     """, tmp)
     return json.loads((tmp / "report.json").read_text())
 

@@ -17,6 +17,7 @@ def make_rtn(bits: int, group_size: int):
             m.pack()
         return {}
 
+    quantize_block.needs_inputs = False
     return quantize_block
 
 
@@ -90,12 +91,13 @@ def gptq_quantize(layer: QuantLinear, hessian: torch.Tensor, damp: float = 0.01,
 
 def make_gptq(bits: int, group_size: int, damp: float = 0.01):
     def quantize_block(index, block, ctx, q_in, fp_out, extras) -> dict:
-        hessians = _hessians(block, ctx, q_in, extras["batch_size"])
+        hessians = _hessians(block, ctx, q_in, 8)
         layers = swap_in_trainable(block, bits, group_size)
         for name, layer in layers.items():
             gptq_quantize(layer, hessians[name], damp)
         return {}
 
+    quantize_block.needs_targets = False
     return quantize_block
 
 

@@ -25,6 +25,7 @@ from eqat_kernels import QuantLinear
 from .models import block_linears, find_blocks
 
 FP16_SAFE_MAX = 60000.0
+INFER_BATCH = 8  # windows per no-grad block pass: bigger matmuls, same results per window
 
 
 class _StopForward(Exception):
@@ -121,6 +122,8 @@ def run_block(block: nn.Module, ctx: BlockContext, store: ActivationStore, batch
     return torch.cat(outs)
 
 
+# A per-block step. It may set attributes `needs_inputs = False` (data-free, e.g. RTN) or
+# `needs_targets = False` (inputs only, e.g. GPTQ's Hessians) so the driver skips passes it would waste.
 BlockQuantizer = Callable[[int, nn.Module, BlockContext, ActivationStore, ActivationStore, dict], dict]
 
 
@@ -141,38 +144,44 @@ class BlockwiseRun:
     def run(self, calib: torch.Tensor, val: torch.Tensor | None = None, progress: bool = True) -> list[dict]:
         _, blocks = find_blocks(self.model)
         start = self._resume(blocks)
-        if start == 0 or self.state_dir is None:
-            fp_h, ctx = capture_block_inputs(self.model, torch.cat([calib, val]) if val is not None else calib)
+        needs_inputs = getattr(self.quantize_block, "needs_inputs", True)
+        needs_targets = getattr(self.quantize_block, "needs_targets", True)
+        use_val = val is not None and needs_targets
+        q_in = fp_in = qv_in = fv_in = None
+        if needs_inputs and (start == 0 or self.state_dir is None):
+            fp_h, ctx = capture_block_inputs(self.model, torch.cat([calib, val]) if use_val else calib)
             n_cal = calib.shape[0]
-            q_in, fp_in = self._store("q_in", fp_h[:n_cal]), self._store("fp_in", fp_h[:n_cal])
-            qv_in = self._store("qv_in", fp_h[n_cal:]) if val is not None else None
-            fv_in = self._store("fv_in", fp_h[n_cal:]) if val is not None else None
-            self._ctx = ctx
-        else:
-            _, self._ctx = capture_block_inputs(self.model, calib[:1])
+            q_in = self._store("q_in", fp_h[:n_cal])
+            fp_in = self._store("fp_in", fp_h[:n_cal]) if needs_targets else None
+            qv_in = self._store("qv_in", fp_h[n_cal:]) if use_val else None
+            fv_in = self._store("fv_in", fp_h[n_cal:]) if use_val else None
+        elif needs_inputs:
+            _, ctx = capture_block_inputs(self.model, calib[:1])
             q_in, fp_in, qv_in, fv_in = (ActivationStore.open(self.state_dir / f"{k}.npy") if (self.state_dir / f"{k}.npy").exists() else None
                                          for k in ("q_in", "fp_in", "qv_in", "fv_in"))
-        ctx = self._ctx
+        else:
+            ctx = None  # data-free method (RTN): no activations at all
         bar = tqdm(range(start, len(blocks)), desc=f"{self.options.get('method', 'quantize')} w{self.bits}g{self.group_size}",
                    disable=not progress, initial=start, total=len(blocks))
         for i in bar:
             block = blocks[i]
-            fp_out = self._store("fp_out", run_block(block, ctx, fp_in, self.batch_size))
-            fv_out = self._store("fv_out", run_block(block, ctx, fv_in, self.batch_size)) if fv_in is not None else None
+            fp_out = self._store("fp_out", run_block(block, ctx, fp_in, INFER_BATCH)) if fp_in is not None else None
+            fv_out = self._store("fv_out", run_block(block, ctx, fv_in, INFER_BATCH)) if fv_in is not None else None
             torch.manual_seed(self.options.get("seed", 0) + i)  # same per block whether resumed or not
             stats = self.quantize_block(i, block, ctx, q_in, fp_out,
                                         {"val_in": qv_in, "val_out": fv_out, "batch_size": self.batch_size})
-            for m in block.modules():
-                if isinstance(m, QuantLinear):
-                    m.backend = "reference"  # exact fp32 propagation
-            q_next = run_block(block, ctx, q_in, self.batch_size)
-            qv_next = run_block(block, ctx, qv_in, self.batch_size) if qv_in is not None else None
-            for m in block.modules():
-                if isinstance(m, QuantLinear):
-                    m.backend = "auto"
-            q_in, fp_in = self._store("q_in", q_next), fp_out
-            if qv_in is not None:
-                qv_in, fv_in = self._store("qv_in", qv_next), fv_out
+            if q_in is not None:
+                for m in block.modules():
+                    if isinstance(m, QuantLinear):
+                        m.backend = "reference"  # exact fp32 propagation
+                q_next = run_block(block, ctx, q_in, INFER_BATCH)
+                qv_next = run_block(block, ctx, qv_in, INFER_BATCH) if qv_in is not None else None
+                for m in block.modules():
+                    if isinstance(m, QuantLinear):
+                        m.backend = "auto"
+                q_in, fp_in = self._store("q_in", q_next), fp_out
+                if qv_in is not None:
+                    qv_in, fv_in = self._store("qv_in", qv_next), fv_out
             stats = {"block": i, **stats}
             self.log.append(stats)
             bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if isinstance(v, float)})

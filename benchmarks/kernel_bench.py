@@ -73,6 +73,24 @@ def print_row(r: dict) -> None:
           f"  quant: {r['quant_s'] * 1e6:10.1f} us  x{r['speedup']:6.2f}  {extra}", flush=True)
 
 
+def markdown(rows: list[dict]) -> str:
+    """The README table: one row per (shape, M), one column per setting."""
+    settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
+    cpu = "speedup_vs_bf16" in rows[0]
+    head = "| N x K | M | " + rows[0]["baseline"] + " (us) | " + ("bf16 nn.Linear (us) | " if cpu else "")
+    head += " | ".join(f"{s} (us, x)" for s in settings) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key in sorted({(r["n"], r["k"], r["m"]) for r in rows}, key=lambda t: (t[0] * t[1], t[0], t[2])):
+        group = {r["setting"]: r for r in rows if (r["n"], r["k"], r["m"]) == key}
+        first = next(iter(group.values()))
+        line = f"| {key[0]}x{key[1]} | {key[2]} | {first['baseline_s'] * 1e6:.0f} | "
+        if cpu:
+            line += f"{first['bf16_linear_s'] * 1e6:.0f} | "
+        line += " | ".join(f"{group[s]['quant_s'] * 1e6:.0f} (x{group[s]['speedup']:.2f})" for s in settings if s in group)
+        lines.append(line + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], device: str) -> None:
     import matplotlib
 
@@ -114,6 +132,7 @@ def main() -> None:
     rows = bench_cuda(shapes, ms, args.settings) if cuda else bench_cpu(shapes, ms, args.settings, args.min_run_time)
     path = write_json(f"kernels_{device}.json", {"machine": machine(), "rows": rows})
     print(f"json: {path}")
+    print(markdown(rows))
     plot(rows, device)
 
 

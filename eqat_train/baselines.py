@@ -23,15 +23,22 @@ def make_rtn(bits: int, group_size: int):
 
 @torch.no_grad()
 def _hessians(block: nn.Module, ctx: BlockContext, q_in: ActivationStore, batch: int) -> dict[str, torch.Tensor]:
-    """H = 2/n sum x x^T of every linear's input, from the block run on the quantized-path inputs."""
+    """H = 2/n sum x x^T of every linear's input, from the block run on the quantized-path inputs.
+
+    Accumulated in fp32 per batch (fp64 sums across batches); layers fed the same tensor (q/k/v,
+    gate/up) share one product instead of recomputing it."""
     linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
     hs = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in linears.items()}
     counts = dict.fromkeys(linears, 0)
+    last: dict = {}
 
     def hook(name):
         def fn(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            hs[name] += 2 * x.t() @ x
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            key = (args[0].data_ptr(), tuple(args[0].shape))
+            if last.get("key") != key:
+                last["key"], last["xtx"] = key, (x.t() @ x).double()
+            hs[name] += 2 * last["xtx"]
             counts[name] += x.shape[0]
         return fn
 

@@ -22,7 +22,8 @@ def make_rtn(bits: int, group_size: int):
 
 
 @torch.no_grad()
-def _hessians(block: nn.Module, ctx: BlockContext, q_in: ActivationStore, batch: int) -> dict[str, torch.Tensor]:
+def _hessians(block: nn.Module, ctx: BlockContext, q_in: ActivationStore, batch: int,
+              bf16: bool = False) -> dict[str, torch.Tensor]:
     """H = 2/n sum x x^T of every linear's input, from the block run on the quantized-path inputs.
 
     Accumulated in fp32 per batch (fp64 sums across batches); layers fed the same tensor (q/k/v,
@@ -44,7 +45,8 @@ def _hessians(block: nn.Module, ctx: BlockContext, q_in: ActivationStore, batch:
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     try:
         for i in range(0, len(q_in), batch):
-            ctx.call(block, q_in.get(slice(i, i + batch)))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                ctx.call(block, q_in.get(slice(i, i + batch)))
     finally:
         for h in handles:
             h.remove()
@@ -95,9 +97,9 @@ def gptq_quantize(layer: QuantLinear, hessian: torch.Tensor, damp: float = 0.01,
     layer.pack()
 
 
-def make_gptq(bits: int, group_size: int, damp: float = 0.01):
+def make_gptq(bits: int, group_size: int, damp: float = 0.01, bf16: bool = False):
     def quantize_block(index, block, ctx, q_in, fp_out, extras) -> dict:
-        hessians = _hessians(block, ctx, q_in, 8)
+        hessians = _hessians(block, ctx, q_in, 8, bf16)
         layers = swap_in_trainable(block, bits, group_size)
         for name, layer in layers.items():
             gptq_quantize(layer, hessians[name], damp)

@@ -116,9 +116,14 @@ class ActivationStore:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, ctx: BlockContext, store: ActivationStore, batch_size: int) -> torch.Tensor:
-    """The block applied to every stored activation, in fp32, batched."""
-    outs = [ctx.call(block, store.get(slice(i, i + batch_size))).float() for i in range(0, len(store), batch_size)]
+def run_block(block: nn.Module, ctx: BlockContext, store: ActivationStore, batch_size: int,
+              bf16: bool = False) -> torch.Tensor:
+    """The block applied to every stored activation, batched; `bf16` autocasts the matmuls (~4x faster
+    on CPU: a pass over 128 x 512 tokens of a SmolLM2 block takes 7.7 s in fp32)."""
+    outs = []
+    for i in range(0, len(store), batch_size):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            outs.append(ctx.call(block, store.get(slice(i, i + batch_size))).float())
     return torch.cat(outs)
 
 
@@ -139,6 +144,7 @@ class BlockwiseRun:
     state_dir: Path | None = None
     offload: bool = False
     batch_size: int = 2
+    bf16_passes: bool = False  # targets and propagation under bf16 autocast
     log: list[dict] = field(default_factory=list)
 
     def run(self, calib: torch.Tensor, val: torch.Tensor | None = None, progress: bool = True) -> list[dict]:
@@ -165,8 +171,8 @@ class BlockwiseRun:
                    disable=not progress, initial=start, total=len(blocks))
         for i in bar:
             block = blocks[i]
-            fp_out = self._store("fp_out", run_block(block, ctx, fp_in, INFER_BATCH)) if fp_in is not None else None
-            fv_out = self._store("fv_out", run_block(block, ctx, fv_in, INFER_BATCH)) if fv_in is not None else None
+            fp_out = self._store("fp_out", run_block(block, ctx, fp_in, INFER_BATCH, self.bf16_passes)) if fp_in is not None else None
+            fv_out = self._store("fv_out", run_block(block, ctx, fv_in, INFER_BATCH, self.bf16_passes)) if fv_in is not None else None
             torch.manual_seed(self.options.get("seed", 0) + i)  # same per block whether resumed or not
             stats = self.quantize_block(i, block, ctx, q_in, fp_out,
                                         {"val_in": qv_in, "val_out": fv_out, "batch_size": self.batch_size})
@@ -174,8 +180,8 @@ class BlockwiseRun:
                 for m in block.modules():
                     if isinstance(m, QuantLinear):
                         m.backend = "reference"  # exact fp32 propagation
-                q_next = run_block(block, ctx, q_in, INFER_BATCH)
-                qv_next = run_block(block, ctx, qv_in, INFER_BATCH) if qv_in is not None else None
+                q_next = run_block(block, ctx, q_in, INFER_BATCH, self.bf16_passes)
+                qv_next = run_block(block, ctx, qv_in, INFER_BATCH, self.bf16_passes) if qv_in is not None else None
                 for m in block.modules():
                     if isinstance(m, QuantLinear):
                         m.backend = "auto"

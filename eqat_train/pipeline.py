@@ -74,12 +74,14 @@ def quantize(opts: QuantizeOptions, progress: bool = True) -> dict:
     elif opts.method == "rtn":
         step, method_options = make_rtn(opts.bits, opts.group_size), {"method": "rtn"}
     else:
-        step, method_options = make_gptq(opts.bits, opts.group_size), {"method": "gptq", "damp": 0.01}
+        step, method_options = make_gptq(opts.bits, opts.group_size, bf16=opts.bf16), {"method": "gptq", "damp": 0.01}
     run_options = {**method_options, "model": source.describe(), "text": opts.text or data.DEFAULT_TEXT,
                    "seq_len": opts.seq_len, "calib_windows": opts.calib_windows, "val_windows": opts.val_windows,
-                   "eval_windows": opts.eval_windows, "seed": opts.seed, "batch_size": opts.batch_size}
+                   "eval_windows": opts.eval_windows, "seed": opts.seed, "batch_size": opts.batch_size,
+                   "bf16": opts.bf16}
     run = BlockwiseRun(model, opts.bits, opts.group_size, step, run_options, state_dir=state_dir,
-                       offload=opts.offload, batch_size=opts.batch_size)
+                       offload=opts.offload, batch_size=opts.batch_size,
+                       bf16_passes=opts.bf16)
     log = run.run(split.calib, split.val if opts.val_windows else None, progress=progress)
     quant_seconds = time.time() - t0
     qconfig = quantization_config(opts.bits, opts.group_size, {**run_options, "stages": ["block_ap"] if opts.method == "block_ap" else [opts.method]})

@@ -63,8 +63,7 @@ def gptq_quantize(layer: QuantLinear, hessian: torch.Tensor, damp: float = 0.01,
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = _inverse_cholesky(h, damp)
     scales = torch.empty(spec.scales_shape, dtype=torch.float64)
     zeros = torch.empty(spec.scales_shape, dtype=torch.float64)
     k_total = spec.in_features
@@ -95,6 +94,20 @@ def gptq_quantize(layer: QuantLinear, hessian: torch.Tensor, damp: float = 0.01,
     layer.scales.data.copy_(scales.float())
     layer.zeros.data.copy_(zeros.float())
     layer.pack()
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 with GPTQ's relative dampening, raised tenfold while H is not
+    positive definite (low-precision activations can leave it just short)."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for attempt in range(4):
+        try:
+            damped = h + damp * 10**attempt * torch.mean(torch.diag(h)) * eye
+            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise ValueError("GPTQ: the layer's Hessian is not positive definite even with 1000x dampening "
+                     "(calibration activations degenerate?)")
 
 
 def make_gptq(bits: int, group_size: int, damp: float = 0.01, bf16: bool = False):

@@ -83,7 +83,7 @@ class ActivationStore:
     """`[n, L, H]` activations in fp16 (fp32 if values exceed fp16's range), in RAM or memory-mapped on disk."""
 
     def __init__(self, values: torch.Tensor, path: Path | None = None, dtype: str = "float16"):
-        if dtype == "float16" and values.abs().max().item() > FP16_SAFE_MAX:
+        if dtype == "float16" and values.numel() and values.abs().max().item() > FP16_SAFE_MAX:
             dtype = "float32"
         if path is None:
             self.data = values.detach().numpy().astype(dtype) if values.dtype != torch.bfloat16 else values.float().numpy().astype(dtype)

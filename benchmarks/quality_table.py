@@ -52,7 +52,7 @@ def main() -> None:
             for s in args.settings for m in args.methods]
     rows.insert(0, dict(setting="-", **fp_row()))
     write_json("quality_smollm2.json", {"rows": rows})
-    print(f"\n| setting | method | ppl stdlib | ppl fortunes | quantize wall s | peak RSS MB |\n|---|---|---|---|---|---|")
+    print("\n| setting | method | ppl stdlib | ppl fortunes | quantize wall s | peak RSS MB |\n|---|---|---|---|---|---|")
     for r in rows:
         p = r["perplexity"]
         print(f"| {r['setting']} | {r['method']} | {p.get('stdlib', '-')} | {p.get('fortunes', '-')} | "

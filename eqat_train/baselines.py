@@ -1,7 +1,6 @@
 """Baselines through the same block driver, quantizer and packer: RTN (min-max) and GPTQ."""
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn

@@ -231,27 +231,25 @@ class BlockwiseRun:
         return done
 
 
-def swap_in_empty_quant_linears(block: nn.Module, bits: int, group_size: int) -> dict[str, QuantLinear]:
-    """Replace a block's linears by packed QuantLinears of the same shapes, ready for load_state_dict."""
+def _replace_linears(block: nn.Module, make: Callable[[nn.Linear], QuantLinear]) -> dict[str, QuantLinear]:
     swapped = {}
     for name, lin in block_linears(block).items():
-        q = QuantLinear(lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None,
-                        dtype=torch.float16, device=lin.weight.device)
         parent, _, child = name.rpartition(".")
-        setattr(block.get_submodule(parent) if parent else block, child, q)
-        swapped[name] = q
+        swapped[name] = make(lin)
+        setattr(block.get_submodule(parent) if parent else block, child, swapped[name])
     return swapped
+
+
+def swap_in_empty_quant_linears(block: nn.Module, bits: int, group_size: int) -> dict[str, QuantLinear]:
+    """Replace a block's linears by packed QuantLinears of the same shapes, ready for load_state_dict."""
+    return _replace_linears(block, lambda lin: QuantLinear(
+        lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None,
+        dtype=torch.float16, device=lin.weight.device))
 
 
 def swap_in_trainable(block: nn.Module, bits: int, group_size: int) -> dict[str, QuantLinear]:
     """Replace a block's linears by trainable QuantLinears initialised from them (min-max)."""
-    swapped = {}
-    for name, lin in block_linears(block).items():
-        q = QuantLinear.from_linear(lin, bits, group_size)
-        parent, _, child = name.rpartition(".")
-        setattr(block.get_submodule(parent) if parent else block, child, q)
-        swapped[name] = q
-    return swapped
+    return _replace_linears(block, lambda lin: QuantLinear.from_linear(lin, bits, group_size))
 
 
 def _atomic_save_tensors(tensors: dict, path: Path) -> None:

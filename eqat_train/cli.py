@@ -7,7 +7,6 @@ import sys
 
 import torch
 
-from . import data
 
 
 def _add_quantize(sub) -> None:

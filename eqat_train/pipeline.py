@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from . import data, evaluate, models
 from .baselines import make_gptq, make_rtn

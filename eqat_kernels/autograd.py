@@ -43,19 +43,32 @@ class ReferencePath:
 
     def __init__(self, codes_minus_zeros: torch.Tensor, spec: QuantSpec):
         self.cmz, self.spec = codes_minus_zeros, spec
+        self._held: tuple | None = None  # W_hat of a training forward, reused once by its backward
 
     def _weight(self, scales, dtype):
+        key = (scales.data_ptr(), scales._version, dtype)
+        if self._held is not None and self._held[0] == key:
+            return self._held[1]
         return reference.scale_codes(self.cmz, scales, self.spec, dtype)
 
     def forward(self, x, scales, bias):
-        return torch.nn.functional.linear(x, self._weight(scales, x.dtype), None if bias is None else bias.to(x.dtype))
+        w = self._weight(scales, x.dtype)
+        # Keep W_hat for the backward only while training (one tensor per layer, freed by grad_input).
+        self._held = ((scales.data_ptr(), scales._version, x.dtype), w) if torch.is_grad_enabled() else None
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     def grad_input(self, dy, scales):
-        return dy @ self._weight(scales, dy.dtype)
+        w = self._weight(scales, dy.dtype)
+        self._held = None
+        return dy @ w
 
     def grad_scales(self, x, dy, scales):
-        compute = torch.float32 if x.dtype != torch.float64 else x.dtype
-        return reference.grad_scales_from_codes(x.to(compute), dy.to(compute), self.cmz, scales, self.spec)[0]
+        # The dense dW = dy^T x runs in x's dtype (bf16 under autocast: the step's largest matmul);
+        # the products with (q - z) and the group sums run in fp32 (fp64 stays fp64 for tests).
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        grad_w = dy2.t() @ x2
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return reference.group_sum(self.cmz.to(compute) * grad_w.to(compute), self.spec)
 
 
 class QuantLinearFunction(torch.autograd.Function):

@@ -104,6 +104,12 @@ class QuantLinear(nn.Module):
         if backend == "cpu_int4":
             return self._cpu_int4(x)
         path = self._triton_path() if backend == "triton" else self._reference_path()
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast does not reach inside an autograd Function: cast here, as nn.Linear would be, so
+            # the forward, dx and ds all run (and x is saved) in the low-precision dtype.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+            with torch.autocast(x.device.type, enabled=False):
+                return QuantLinearFunction.apply(x, self.scales, self.bias, path)
         return QuantLinearFunction.apply(x, self.scales, self.bias, path)
 
     def _resolve_backend(self, x: torch.Tensor) -> str:

@@ -31,19 +31,97 @@ def _add_quantize(sub) -> None:
     p.add_argument("--no-bf16", action="store_true", help="train and run block passes in fp32 instead of bf16 autocast")
     p.add_argument("--offload", action="store_true", help="keep cached activations memory-mapped on disk")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-e2e", action="store_true", help="stop after the block-wise stage (no E2E-QP)")
+    _add_e2e_options(p, prefix="e2e-")
+
+
+def _add_e2e_options(p, prefix: str) -> None:
+    from .pipeline import E2EOptions
+
+    d = E2EOptions()
+    p.add_argument(f"--{prefix}steps", type=int, default=d.steps, help=f"E2E-QP optimizer steps (default {d.steps})")
+    p.add_argument(f"--{prefix}batch-size", type=int, default=d.batch_size, help="examples per micro-batch per process")
+    p.add_argument(f"--{prefix}grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    p.add_argument(f"--{prefix}lr-scale", type=float, default=d.lr_scale,
+                   help="multiplier over the published E2E-QP lr (2e-5 for 2-bit, 1e-5 for 3/4-bit)")
+    p.add_argument(f"--{prefix}instruct", default=None,
+                   help="instruction-tuning JSONL ({prompt, response} or {messages}); loss on responses only")
+    p.add_argument(f"--{prefix}gradient-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument(f"--{prefix}save-every", type=int, default=d.save_every, help="steps between resumable saves")
+
+
+def _e2e_options(args, prefix: str):
+    from .pipeline import E2EOptions
+
+    get = lambda name: getattr(args, prefix + name)  # noqa: E731
+    return E2EOptions(steps=get("steps"), batch_size=get("batch_size"), grad_accum=get("grad_accum"),
+                      lr_scale=get("lr_scale"), instruct=get("instruct"),
+                      gradient_checkpointing=get("gradient_checkpointing"), save_every=get("save_every"))
 
 
 def _quantize(args) -> dict:
+    import os
+
     from .pipeline import QuantizeOptions, quantize
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("eqat quantize runs in one process (the block-wise stage is sequential); "
+                         "quantize with --skip-e2e, then run `torchrun ... eqat e2e CHECKPOINT` for data-parallel E2E-QP")
     opts = QuantizeOptions(model=args.model, out=args.out, method=args.method, bits=args.bits,
                            group_size=args.group_size, text=args.text, seq_len=args.seq_len,
                            val_windows=args.val_windows, eval_windows=args.eval_windows, eval_texts=args.eval_texts,
-                           loss=args.loss, bf16=not args.no_bf16, offload=args.offload, seed=args.seed)
+                           loss=args.loss, bf16=not args.no_bf16, offload=args.offload, seed=args.seed,
+                           e2e=None if args.skip_e2e else _e2e_options(args, "e2e_"))
     for name in ("calib_windows", "epochs", "lr_scale", "lr_scale_quant"):
         if getattr(args, name) is not None:
             setattr(opts, name, getattr(args, name))
     return quantize(opts)
+
+
+def _add_e2e(sub) -> None:
+    p = sub.add_parser("e2e", help="E2E-QP: train the scales of a packed checkpoint (torchrun for several processes)")
+    p.add_argument("checkpoint", help="eqat/GPTQ-v2 folder to start from")
+    p.add_argument("--out", required=True, help="output folder for the trained checkpoint")
+    p.add_argument("--text", help="training text: stdlib (default), fortunes, a .txt/.jsonl file or hf:NAME")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--calib-windows", type=int, default=128)
+    p.add_argument("--eval-windows", type=int, default=40)
+    p.add_argument("--eval-texts", nargs="*", default=["stdlib", "fortunes"])
+    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    _add_e2e_options(p, prefix="")
+
+
+def _e2e(args) -> dict:
+    from .pipeline import e2e
+
+    with _distributed():
+        return e2e(args.checkpoint, args.out, _e2e_options(args, ""), text=args.text, seq_len=args.seq_len,
+                   calib_windows=args.calib_windows, eval_windows=args.eval_windows, eval_texts=args.eval_texts,
+                   bf16=not args.no_bf16, seed=args.seed)
+
+
+class _distributed:
+    """Under torchrun (WORLD_SIZE > 1): one process group, NCCL on GPU, gloo on CPU."""
+
+    def __enter__(self):
+        import os
+
+        import torch.distributed as dist
+
+        self.active = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+        if self.active:
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        if self.active:
+            dist.destroy_process_group()
+        return False
 
 
 def _add_eval(sub) -> None:
@@ -92,7 +170,7 @@ def _load(checkpoint: str | None, model: str | None):
     return lm, tok
 
 
-COMMANDS = {"quantize": (_add_quantize, _quantize), "eval": (_add_eval, _eval), "generate": (_add_generate, _generate)}
+COMMANDS = {"quantize": (_add_quantize, _quantize), "e2e": (_add_e2e, _e2e), "eval": (_add_eval, _eval), "generate": (_add_generate, _generate)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eqat {args.command}: error: {e}", file=sys.stderr)
         return 2
     if args.command != "generate":
-        result = {k: v for k, v in result.items() if k != "blocks"}
+        result = {k: v for k, v in result.items() if k not in ("blocks", "e2e")}
         print(json.dumps(result, indent=1))
     return 0
 

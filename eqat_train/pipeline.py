@@ -13,9 +13,34 @@ from . import data, evaluate, models
 from .baselines import make_gptq, make_rtn
 from .block_ap import BlockAPConfig, make_block_ap
 from .blockwise import BlockwiseRun
-from .checkpoint import quantization_config, save_quantized
+from .checkpoint import load_quantized, quantization_config, read_quantization_config, save_quantized
+from .e2e_qp import E2EConfig, E2ETrainer
+from .examples import Examples
 
 METHODS = ("block_ap", "rtn", "gptq")
+
+
+@dataclass
+class E2EOptions:
+    """E2E-QP stage: steps x batch_size x grad_accum examples (calibration windows or an instruction JSONL)."""
+
+    steps: int = 32
+    batch_size: int = 1
+    grad_accum: int = 2
+    lr_scale: float = 1.0
+    instruct: str | None = None
+    gradient_checkpointing: bool = False
+    save_every: int = 8
+
+    def config(self, bits: int, bf16: bool, seed: int) -> E2EConfig:
+        return E2EConfig(bits=bits, steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
+                         lr_scale=self.lr_scale, bf16=bf16, gradient_checkpointing=self.gradient_checkpointing,
+                         save_every=self.save_every, seed=seed)
+
+    def examples(self, tokenizer, calib, seq_len: int) -> Examples:
+        if self.instruct:
+            return Examples.from_instructions(self.instruct, tokenizer, seq_len)
+        return Examples.from_windows(calib)
 
 
 @dataclass
@@ -39,6 +64,7 @@ class QuantizeOptions:
     batch_size: int = 2
     offload: bool = False
     seed: int = 0
+    e2e: E2EOptions | None = field(default_factory=E2EOptions)  # None skips E2E-QP
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -82,17 +108,78 @@ def quantize(opts: QuantizeOptions, progress: bool = True) -> dict:
                        offload=opts.offload, batch_size=opts.batch_size,
                        bf16_passes=opts.bf16)
     log = run.run(split.calib, split.val if opts.val_windows else None, progress=progress)
+    stage_seconds = {opts.method: round(time.time() - t0, 1)}
+    stages, e2e_log = [opts.method], []
+    if opts.e2e is not None:
+        t1 = time.time()
+        cfg = opts.e2e.config(opts.bits, opts.bf16, opts.seed)
+        examples = opts.e2e.examples(tokenizer, split.calib, opts.seq_len)
+        e2e_log = E2ETrainer(model, examples, cfg, state_dir, {"stage1": run_options}).train(progress)
+        run_options = {**run_options, "e2e_qp": {**cfg.as_dict(), "instruct": opts.e2e.instruct}}
+        stages.append("e2e_qp")
+        stage_seconds["e2e_qp"] = round(time.time() - t1, 1)
     quant_seconds = time.time() - t0
-    qconfig = quantization_config(opts.bits, opts.group_size, {**run_options, "stages": ["block_ap"] if opts.method == "block_ap" else [opts.method]})
+    qconfig = quantization_config(opts.bits, opts.group_size, {**run_options, "stages": stages})
     save_quantized(model, tokenizer, out, qconfig)
-    results = {"out": str(out), "method": opts.method, "bits": opts.bits, "group_size": opts.group_size,
-               "quantize_seconds": round(quant_seconds, 1), "blocks": log}
+    results = {"out": str(out), "method": opts.method, "stages": stages, "bits": opts.bits,
+               "group_size": opts.group_size, "quantize_seconds": round(quant_seconds, 1),
+               "stage_seconds": stage_seconds, "trainable_params": trainable_counts(model, opts.method),
+               "blocks": log, "e2e": e2e_log}
     results["perplexity"] = evaluate_texts(model, tokenizer, opts.eval_texts, opts.seq_len, opts.eval_windows,
                                            progress=progress)
     results["peak_rss_mb"] = round(peak_rss_mb(), 1)
     results["total_seconds"] = round(time.time() - t0, 1)
     (out / "eqat_results.json").write_text(json.dumps(results, indent=1))
     shutil.rmtree(state_dir, ignore_errors=True)
+    return results
+
+
+def trainable_counts(model, method: str) -> dict:
+    """Parameters each stage trains: Block-AP all weights, scales, zeros of the blocks; E2E-QP the scales."""
+    from eqat_kernels import QuantLinear
+
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    scales = sum(m.scales.numel() for m in layers)
+    weights = sum(m.in_features * m.out_features for m in layers)
+    counts = {"e2e_qp": scales}
+    if method == "block_ap":
+        counts["block_ap"] = weights + 2 * scales  # weights, scales and zero points (norms stay frozen)
+    return counts
+
+
+def e2e(checkpoint: str, out: str, opts: E2EOptions, text: str | None = None, seq_len: int = 512,
+        calib_windows: int = 128, eval_windows: int = 40, eval_texts: list[str] | None = None, bf16: bool = True,
+        seed: int = 0, progress: bool = True) -> dict:
+    """`eqat e2e`: train the scales of a packed checkpoint further (single process or under torchrun)."""
+    import torch.distributed as dist
+
+    t0 = time.time()
+    out_path = Path(out)
+    state_dir = out_path.with_name(out_path.name + ".partial")
+    _refuse_foreign_output(out_path, state_dir)
+    q = read_quantization_config(Path(checkpoint))
+    model, tokenizer = load_quantized(checkpoint)
+    if tokenizer is None and not opts.instruct and text is None:
+        raise ValueError(f"{checkpoint} has no tokenizer files; cannot tokenize the calibration text")
+    windows = data.tokenize_windows(tokenizer, data.load_text(text), seq_len)
+    split = data.split_windows(windows, eval_windows, calib_windows, 0, seed)
+    cfg = opts.config(q["bits"], bf16, seed)
+    source = {"checkpoint": str(checkpoint), "text": text or data.DEFAULT_TEXT, "calib_windows": calib_windows,
+              "seq_len": seq_len}
+    log = E2ETrainer(model, opts.examples(tokenizer, split.calib, seq_len), cfg, state_dir, source).train(progress)
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    results = {"out": str(out_path), "e2e": log, "quantize_seconds": round(time.time() - t0, 1),
+               "trainable_params": trainable_counts(model, "e2e_qp")}
+    if rank == 0:
+        eqat_keys = dict(q.get("eqat", {}))
+        eqat_keys["stages"] = list(eqat_keys.get("stages", [])) + ["e2e_qp"]
+        eqat_keys["e2e_qp"] = {**cfg.as_dict(), "instruct": opts.instruct, **source}
+        save_quantized(model, tokenizer, out_path, quantization_config(q["bits"], q["group_size"], eqat_keys))
+        results["perplexity"] = evaluate_texts(model, tokenizer, eval_texts or [], seq_len, eval_windows,
+                                               progress=progress)
+        results["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        (out_path / "eqat_results.json").write_text(json.dumps(results, indent=1))
+        shutil.rmtree(state_dir, ignore_errors=True)
     return results
 
 

@@ -1,0 +1,183 @@
+"""E2E-QP: scales-only training through QuantLinear's autograd Function, resume, instruction data, DDP."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from eqat_kernels import QuantLinear
+from eqat_train import data, evaluate
+from eqat_train.checkpoint import load_quantized
+from eqat_train.e2e_qp import E2EConfig, E2ETrainer, token_loss_sum
+from eqat_train.examples import IGNORE, Examples, collate
+from eqat_train.pipeline import E2EOptions, e2e
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _windows(tokenizer, n_eval=4):
+    w = data.tokenize_windows(tokenizer, data.load_text(None), 32)
+    return w[:n_eval], w[n_eval:n_eval + 16]
+
+
+def test_e2e_trains_only_scales_and_lowers_held_out_loss(tiny_packed_dir):
+    model, tok = load_quantized(tiny_packed_dir)
+    held_out, train = _windows(tok)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    ppl0 = evaluate.perplexity(model, held_out, progress=False)
+    log = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=24, lr=2e-3, bf16=False)).train(False)
+    ppl1 = evaluate.perplexity(model, held_out, progress=False)
+    after = model.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(n.endswith(".scales") for n in changed), sorted(changed)[:5]
+    assert len(changed) == sum(isinstance(m, QuantLinear) for m in model.modules())
+    assert all(after[n].dtype == torch.float16 for n in changed)  # stored format keeps fp16 scales
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert ppl1 < ppl0, (ppl0, ppl1)
+
+
+def test_scale_gradients_match_a_dense_dequantized_model(tiny_packed_dir):
+    """ds through the fused Function equals autograd through W_hat = (q - z) * s built densely."""
+    model, tok = load_quantized(tiny_packed_dir)
+    _, train = _windows(tok)
+    batch = collate(Examples.from_windows(train), [0, 1])
+    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=1, bf16=False))
+    loss, _ = token_loss_sum(model, batch)
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in trainer.scales.items()}
+
+    dense, _ = load_quantized(tiny_packed_dir)
+    scales = {}
+    for name, m in list(dense.named_modules()):
+        if isinstance(m, QuantLinear):
+            s = m.scales.detach().float().clone().requires_grad_(True)
+            scales[f"{name}.scales"] = s
+            m.forward = (lambda mod, s: lambda x: torch.nn.functional.linear(
+                x, mod._reference_path().cmz.float() * s.repeat_interleave(mod.spec.group, 0)[:mod.in_features].t()))(m, s)
+    loss2, _ = token_loss_sum(dense, batch)
+    loss2.backward()
+    assert loss.item() == pytest.approx(loss2.item(), rel=1e-5)
+    for name, s in scales.items():
+        torch.testing.assert_close(fused[name], s.grad, rtol=1e-3, atol=1e-6 * s.grad.abs().max().item())
+
+
+def test_bf16_autocast_runs_forward_and_backward_in_bf16_close_to_fp32(tiny_packed_dir):
+    model, tok = load_quantized(tiny_packed_dir)
+    _, train = _windows(tok)
+    batch = collate(Examples.from_windows(train), [0])
+    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=1))
+    grads = []
+    for bf16 in (False, True):
+        for p in trainer.scales.values():
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = token_loss_sum(model, batch)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.scales.values()]))
+    cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+    assert cos > 0.98, cos
+
+
+def test_instruction_examples_train_on_response_tokens_only(tmp_path):
+    from helpers import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"prompt": "What is a list?", "response": "A mutable sequence."}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "Name a loop."},
+                                               {"role": "assistant", "content": "for"},
+                                               {"role": "user", "content": "Another?"},
+                                               {"role": "assistant", "content": "while"}]}) + "\n")
+    ex = Examples.from_instructions(path, tok, max_len=128)
+    assert len(ex) == 2
+    assert tok.decode(ex.labels[0][ex.labels[0] != IGNORE]) == " A mutable sequence.\n<eos>"
+    assert tok.decode(ex.labels[1][ex.labels[1] != IGNORE]) == " for\n<eos> while\n<eos>"
+    assert "What is a list?" in tok.decode(ex.input_ids[0]) and (ex.labels[0][:3] == IGNORE).all()
+    batch = collate(ex, [0, 1])
+    assert batch["attention_mask"].sum() == sum(len(x) for x in ex.input_ids)
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()
+
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    ex = Examples.from_instructions(path, tok, max_len=128)
+    assert tok.decode(ex.labels[1][ex.labels[1] != IGNORE]) == "for<eos>while<eos>"
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "no response"}) + "\n")
+    with pytest.raises(ValueError, match="needs 'prompt' and 'response'"):
+        Examples.from_instructions(bad, tok)
+
+
+def test_e2e_on_instruction_data_end_to_end(tiny_packed_dir, tmp_path):
+    path = tmp_path / "sft.jsonl"
+    topics = [("list", "A mutable sequence."), ("tuple", "An immutable sequence."), ("dict", "A mapping."),
+              ("set", "An unordered collection of unique items.")]
+    path.write_text("".join(json.dumps({"prompt": f"What is a {k}?", "response": v}) + "\n" for k, v in topics))
+    out = tmp_path / "sft"
+    res = e2e(str(tiny_packed_dir), str(out), E2EOptions(steps=6, grad_accum=2, lr_scale=50, instruct=str(path)),
+              seq_len=32, calib_windows=8, eval_windows=4, eval_texts=["stdlib"], progress=False)
+    assert res["e2e"][-1]["loss"] < res["e2e"][0]["loss"]
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q["eqat"]["stages"] == ["rtn", "e2e_qp"] and q["eqat"]["e2e_qp"]["instruct"] == str(path)
+    load_quantized(out)
+
+
+def _e2e_cmd(src, out, *extra):
+    return ["-m", "eqat_train.cli", "e2e", str(src), "--out", str(out), "--seq-len", "32", "--calib-windows", "8",
+            "--eval-windows", "4", "--eval-texts", "--no-bf16", "--lr-scale", "50", *extra]
+
+
+def test_kill_9_during_e2e_then_rerun_matches(tiny_packed_dir, tmp_path):
+    args = ["--steps", "40", "--grad-accum", "2", "--save-every", "1"]
+    reference = tmp_path / "uninterrupted"
+    subprocess.run([sys.executable, *_e2e_cmd(tiny_packed_dir, reference, *args)], env=ENV, check=True, capture_output=True)
+    out = tmp_path / "killed"
+    progress = out.with_name(out.name + ".partial") / "e2e_progress.json"
+    proc = subprocess.Popen([sys.executable, *_e2e_cmd(tiny_packed_dir, out, *args)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if 3 <= json.loads(progress.read_text())["step"] < 30:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model.safetensors").exists()
+    rerun = subprocess.run([sys.executable, *_e2e_cmd(tiny_packed_dir, out, *args)], env=ENV, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    a, b = load_file(reference / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_packed_dir, tmp_path):
+    """torchrun + gloo, 2 ranks x 1 micro-batch vs 1 rank x 2 accumulated micro-batches: same global batch."""
+    common = ["--steps", "6", "--batch-size", "1"]
+    single, double = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, *_e2e_cmd(tiny_packed_dir, single, *common, "--grad-accum", "2")],
+                   env=ENV, check=True, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          *_e2e_cmd(tiny_packed_dir, double, *common, "--grad-accum", "1")],
+                         env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = json.loads((single / "eqat_results.json").read_text()), json.loads((double / "eqat_results.json").read_text())
+    la, lb = [r["loss"] for r in a["e2e"]], [r["loss"] for r in b["e2e"]]
+    assert la == pytest.approx(lb, rel=1e-5)
+    start = load_file(tiny_packed_dir / "model.safetensors")
+    sa, sb = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
+    moved = 0
+    for key in sa:
+        if key.endswith(".scales"):
+            torch.testing.assert_close(sa[key].float(), sb[key].float(), rtol=2e-3, atol=0)
+            moved += int(not torch.equal(sa[key], start[key]))
+    assert moved > 0

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import cpu, quantizer, reference
 from .autograd import QuantLinearFunction, ReferencePath, TritonPath
-from .packing import pack_qweight, pack_qzeros
+from .packing import pack_qweight, pack_qzeros, unpack_qweight
 from .spec import QuantSpec
 
 BACKENDS = ("auto", "triton", "cpu_int4", "reference")
@@ -22,8 +22,12 @@ BACKENDS = ("auto", "triton", "cpu_int4", "reference")
 
 class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = True,
-                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None):
-        """An empty packed layer of the given shape, ready for `load_state_dict` (as when loading a checkpoint)."""
+                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None, g_idx: bool = False):
+        """An empty packed layer of the given shape, ready for `load_state_dict` (as when loading a checkpoint).
+
+        `g_idx=True` adds GPTQ's per-feature group index (act-order checkpoints): the layer then sorts its
+        input features by group once, in its caches, and permutes activations, so kernels see plain groups.
+        """
         super().__init__()
         self.spec = QuantSpec(bits, group_size, in_features, out_features)
         self.in_features, self.out_features = in_features, out_features
@@ -34,6 +38,10 @@ class QuantLinear(nn.Module):
         self.scales = nn.Parameter(torch.ones(self.spec.scales_shape, dtype=dtype, device=device), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.weight = self.zeros = None
+        if g_idx:
+            self.register_buffer("g_idx", (torch.arange(in_features, device=device) // self.spec.group).to(torch.int32))
+        else:
+            self.g_idx = None
 
     # ----- states -------------------------------------------------------------------------------
     @classmethod
@@ -88,7 +96,42 @@ class QuantLinear(nn.Module):
         dtype = dtype or self.scales.dtype
         if not self.is_packed:
             return quantizer.fake_quantize(self.weight, self.scales, self.zeros, self.spec).detach().to(dtype)
-        return reference.dequantize(self.qweight, self.qzeros, self.scales.detach(), self.spec, dtype)
+        w = reference.dequantize(self._kernel_qweight(), self.qzeros, self.scales.detach(), self.spec, dtype)
+        perm = self._input_perm()
+        if perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, perm] = w
+        return out
+
+    # ----- act-order (g_idx) ----------------------------------------------------------------------
+    def _input_perm(self) -> torch.Tensor | None:
+        """Input features sorted by group, or None when g_idx is absent or already in order."""
+        if self.g_idx is None:
+            return None
+        if "perm" not in self._cache:
+            g = self.g_idx.long()
+            if g.shape != (self.in_features,) or g.min() < 0 or g.max() >= self.spec.num_groups:
+                raise ValueError(f"g_idx must hold {self.in_features} group indices in [0, {self.spec.num_groups})")
+            perm = torch.argsort(g, stable=True)
+            expected = torch.arange(self.in_features, device=g.device) // self.spec.group
+            if not torch.equal(g[perm], expected):
+                counts = torch.bincount(g, minlength=self.spec.num_groups)
+                raise ValueError(f"g_idx assigns {counts.tolist()[:8]}... features to groups; each group needs "
+                                 f"exactly {self.spec.group}")
+            identity = torch.equal(perm, torch.arange(self.in_features, device=g.device))
+            self._cache["perm"] = None if identity else perm
+        return self._cache["perm"]
+
+    def _kernel_qweight(self) -> torch.Tensor:
+        """qweight with K in group order: what every kernel and cache is built from."""
+        perm = self._input_perm()
+        if perm is None:
+            return self.qweight
+        if "sorted_qweight" not in self._cache:
+            codes = unpack_qweight(self.qweight, self.spec.bits, self.in_features)
+            self._cache["sorted_qweight"] = pack_qweight(codes[perm], self.spec.bits)
+        return self._cache["sorted_qweight"]
 
     # ----- compute --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +143,9 @@ class QuantLinear(nn.Module):
             return nn.functional.linear(x, w_hat.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if x.device != self.qweight.device:
             raise ValueError(f"input on {x.device} but the layer's weights are on {self.qweight.device}")
+        perm = self._input_perm()
+        if perm is not None:
+            x = x.index_select(-1, perm)
         backend = self._resolve_backend(x)
         if backend == "cpu_int4":
             return self._cpu_int4(x)
@@ -127,12 +173,12 @@ class QuantLinear(nn.Module):
         if "triton" not in self._cache:
             from .triton_kernels.ops import prepare_weight
 
-            self._cache["triton"] = TritonPath(prepare_weight(self.qweight, self.qzeros, self.spec), self.spec)
+            self._cache["triton"] = TritonPath(prepare_weight(self._kernel_qweight(), self.qzeros, self.spec), self.spec)
         return self._cache["triton"]
 
     def _reference_path(self) -> ReferencePath:
         if "reference" not in self._cache:
-            cmz = reference.codes_minus_zeros(self.qweight, self.qzeros, self.spec).to(torch.int8)
+            cmz = reference.codes_minus_zeros(self._kernel_qweight(), self.qzeros, self.spec).to(torch.int8)
             self._cache["reference"] = ReferencePath(cmz, self.spec)
         return self._cache["reference"]
 
@@ -141,7 +187,7 @@ class QuantLinear(nn.Module):
         version = (self.scales._version, self.scales.data_ptr())
         cached = self._cache.get("cpu_int4")
         if cached is None or cached[0] != version:
-            cached = (version, *cpu.repack_for_cpu(self.qweight, self.qzeros, self.scales.detach(), self.spec,
+            cached = (version, *cpu.repack_for_cpu(self._kernel_qweight(), self.qzeros, self.scales.detach(), self.spec,
                                                    torch.bfloat16))
             self._cache["cpu_int4"] = cached
         _, packed, scale_and_offset, group = cached

@@ -21,7 +21,7 @@ from torch import nn
 from eqat_kernels import QuantLinear
 from eqat_kernels.spec import QuantSpec
 
-CHECKPOINT_FORMATS = ("gptq_v2",)
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")  # "gptq" = v1: zero points stored as z - 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
@@ -118,7 +118,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     q = read_quantization_config(path)
-    bits, group_size = q["bits"], q["group_size"]
+    bits, group_size, fmt = q["bits"], q["group_size"], q.get("checkpoint_format", "gptq")
     tensors = _load_tensors(path)
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
@@ -136,8 +136,13 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"checkpoint quantizes {name!r}, which is a {type(linear).__name__}, not a linear layer")
         _check_layer_tensors(tensors, name, linear, bits, group_size)
+        if fmt == "gptq":
+            tensors[f"{name}.qzeros"] = v1_to_v2_qzeros(tensors[f"{name}.qzeros"], bits, linear.out_features, name)
+        has_g_idx = f"{name}.g_idx" in tensors
+        if has_g_idx:
+            tensors[f"{name}.g_idx"] = _check_g_idx(tensors[f"{name}.g_idx"], name, linear.in_features)
         layer = QuantLinear(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
-                            dtype=tensors[f"{name}.scales"].dtype)
+                            dtype=tensors[f"{name}.scales"].dtype, g_idx=has_g_idx)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     expected = set(model.state_dict().keys())
@@ -152,6 +157,12 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
         if buf.device.type == "meta":  # non-persistent buffers (rotary inv_freq) are rebuilt, not stored
             raise ValueError(f"buffer {name} was not restored")
     model.tie_weights()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            try:
+                m._input_perm()  # act-order: validate and sort once, at load time
+            except ValueError as e:
+                raise ValueError(f"{name}.g_idx: {e}") from None
     for p in model.parameters():
         p.requires_grad_(False)
     for name, p in model.named_parameters():
@@ -184,3 +195,20 @@ def _check_layer_tensors(tensors: dict, name: str, linear: nn.Linear, bits: int,
                              f"and the layer's {linear.in_features}->{linear.out_features} need {shape}")
     if not torch.isfinite(tensors[f"{name}.scales"]).all():
         raise ValueError(f"{name}.scales has NaN/Inf values")
+
+
+def v1_to_v2_qzeros(qzeros: torch.Tensor, bits: int, out_features: int, name: str = "layer") -> torch.Tensor:
+    """GPTQ v1 stores `z - 1` (AutoGPTQ's convention); eqat computes with `z`. Exact, or a clear refusal."""
+    from eqat_kernels.packing import pack_qzeros, unpack_qzeros
+
+    z = unpack_qzeros(qzeros, bits, out_features) + 1
+    if (z > (1 << bits) - 1).any():
+        raise ValueError(f"{name}.qzeros: a v1 (checkpoint_format 'gptq') zero point of {1 << bits} does not fit "
+                         f"in {bits} bits; this checkpoint cannot be represented exactly")
+    return pack_qzeros(z, bits)
+
+
+def _check_g_idx(g_idx: torch.Tensor, name: str, in_features: int) -> torch.Tensor:
+    if g_idx.shape != (in_features,) or g_idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}.g_idx is {g_idx.dtype} {tuple(g_idx.shape)}; expected int32 ({in_features},)")
+    return g_idx.to(torch.int32)

@@ -1,0 +1,91 @@
+"""Foreign GPTQ checkpoints (v1 and v2, sym and asym, with and without act-order g_idx) load into eqat's
+QuantLinear and compute what their integer codes say; eqat's own folders carry the GPTQ-v2 config."""
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from eqat_kernels import QuantLinear
+from eqat_train.checkpoint import load_quantized
+from gptq_writer import write_gptq_folder
+
+VARIANTS = [  # (bits, group, format, sym, act_order, with_g_idx)
+    (4, 32, "gptq", True, False, True),
+    (4, 64, "gptq", False, True, True),
+    (2, 32, "gptq_v2", False, True, True),
+    (3, 32, "gptq_v2", False, False, False),
+    (3, 64, "gptq", False, True, True),
+    (8, 32, "gptq_v2", True, False, True),
+]
+
+
+@pytest.fixture(scope="module")
+def fp_model(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.mark.parametrize("bits,group,fmt,sym,act_order,with_g_idx", VARIANTS)
+def test_foreign_gptq_folder_loads_and_matches_its_codes(fp_model, tmp_path, bits, group, fmt, sym, act_order, with_g_idx):
+    model, tok = fp_model
+    folder = tmp_path / "gptq"
+    dense = write_gptq_folder(model, tok, folder, bits, group, fmt=fmt, sym=sym, act_order=act_order,
+                              with_g_idx=with_g_idx)
+    qmodel, qtok = load_quantized(folder)
+    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLinear)}
+    assert layers.keys() == dense.keys()
+    for name, layer in layers.items():
+        torch.testing.assert_close(layer.dequantize(torch.float64), dense[name], rtol=0, atol=1e-12)
+        assert (layer._input_perm() is not None) == (act_order and layer.in_features > group)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, w in dense.items():
+            ref.get_submodule(name).weight.copy_(w.float())
+    ids = qtok("The for statement is used to iterate", return_tensors="pt").input_ids
+    for m in layers.values():
+        m.backend = "reference"
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+    if bits <= 4:  # the fast CPU path (torch int4 kernel, bf16) on act-order layers too
+        for m in layers.values():
+            m.backend = "cpu_int4"
+        with torch.no_grad():
+            fast = qmodel(ids).logits
+        assert torch.nn.functional.cosine_similarity(fast.flatten(), ref(ids).logits.flatten(), dim=0) > 0.999
+
+
+def test_v1_zero_point_that_does_not_fit_is_refused(fp_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, tok = fp_model
+    folder = tmp_path / "v1"
+    write_gptq_folder(model, tok, folder, 4, 32, fmt="gptq")
+    tensors = load_file(folder / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("qzeros"))
+    tensors[key] = torch.full_like(tensors[key], -1)  # every stored z - 1 = 15, i.e. z = 16
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="does not fit in 4 bits"):
+        load_quantized(folder)
+
+
+def test_g_idx_with_unequal_groups_is_refused(fp_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, tok = fp_model
+    folder = tmp_path / "bad_gidx"
+    write_gptq_folder(model, tok, folder, 4, 32, act_order=True)
+    tensors = load_file(folder / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("g_idx"))
+    tensors[key] = torch.zeros_like(tensors[key])  # every feature in group 0
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="each group needs exactly 32"):
+        load_quantized(folder)
+
+
+def test_eqat_checkpoint_declares_gptq_v2_for_other_loaders(tiny_packed_dir):
+    q = json.loads((tiny_packed_dir / "config.json").read_text())["quantization_config"]
+    assert {k: q[k] for k in ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format")} == {
+        "quant_method": "gptq", "bits": 2, "group_size": 32, "sym": False, "desc_act": False,
+        "checkpoint_format": "gptq_v2"}

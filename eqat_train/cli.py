@@ -141,22 +141,38 @@ def _eval(args) -> dict:
 
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt")
-    p.add_argument("checkpoint", nargs="?", help="eqat/GPTQ-v2 folder; omit with --model for the fp model")
+    p = sub.add_parser("generate", help="generate text from a prompt (streamed as it comes)")
+    p.add_argument("checkpoint", nargs="?", help="eqat/GPTQ folder; omit with --model for the fp model")
     p.add_argument("--model")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
 
 
 def _generate(args) -> dict:
     model, tokenizer = _load(args.checkpoint, args.model)
-    model.config.use_cache = True
-    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, use_cache=True)
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    print(text)
+    from .generation import generate
+
+    messages = [{"role": "user", "content": args.prompt}] if args.chat else None
+    text = generate(model, tokenizer, args.prompt if not args.chat else None, messages=messages,
+                    max_new_tokens=args.max_new_tokens, stream=True)
     return {"text": text}
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="interactive chat with a checkpoint (empty line or Ctrl-D ends)")
+    p.add_argument("checkpoint", nargs="?", help="eqat/GPTQ folder; omit with --model for the fp model")
+    p.add_argument("--model")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--system", help="system message (default: the template's own)")
+
+
+def _chat(args) -> dict:
+    model, tokenizer = _load(args.checkpoint, args.model)
+    from .generation import chat_loop
+
+    turns = chat_loop(model, tokenizer, max_new_tokens=args.max_new_tokens, system=args.system)
+    return {"turns": turns}
 
 
 def _load(checkpoint: str | None, model: str | None):
@@ -170,7 +186,8 @@ def _load(checkpoint: str | None, model: str | None):
     return lm, tok
 
 
-COMMANDS = {"quantize": (_add_quantize, _quantize), "e2e": (_add_e2e, _e2e), "eval": (_add_eval, _eval), "generate": (_add_generate, _generate)}
+COMMANDS = {"quantize": (_add_quantize, _quantize), "e2e": (_add_e2e, _e2e), "eval": (_add_eval, _eval), "generate": (_add_generate, _generate),
+            "chat": (_add_chat, _chat)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"eqat {args.command}: error: {e}", file=sys.stderr)
         return 2
-    if args.command != "generate":
+    if args.command not in ("generate", "chat"):
         result = {k: v for k, v in result.items() if k not in ("blocks", "e2e")}
         print(json.dumps(result, indent=1))
     return 0

@@ -69,6 +69,44 @@ def _eval_loss(block, ctx, inputs: ActivationStore | None, targets: ActivationSt
     return total / len(inputs)
 
 
+LR_RETRY_FACTOR = 0.1
+
+
+class DivergedError(ArithmeticError):
+    """A non-finite training loss: the caller restores the last good state and retries once."""
+
+
+def _train(block, ctx, q_in, fp_out, groups, cfg: BlockAPConfig, batch: int, steps_per_epoch: int, total: int,
+           lr_factor: float, index: int) -> float:
+    """One training run of a block from its current state; raises DivergedError on a non-finite loss."""
+    opt = torch.optim.AdamW([{**g, "lr": g["lr"] * lr_factor} for g in groups], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_to_twentieth(s, total))
+    n = len(q_in)
+    train_loss = float("nan")
+    block.train()
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n)
+        running = 0.0
+        for s in range(steps_per_epoch):
+            idx = order[s * batch:(s + 1) * batch].sort().values.numpy()
+            x, target = q_in.get(idx), fp_out.get(idx)
+            if not (torch.isfinite(x).all() and torch.isfinite(target).all()):
+                raise ValueError(f"Block-AP block {index}: the activations reaching this block contain NaN/Inf "
+                                 "(does the fp model itself overflow on this text, e.g. in fp16?)")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                out = ctx.call(block, x)
+            loss = block_loss(out.float(), target, cfg.loss)
+            if not torch.isfinite(loss):
+                raise DivergedError(f"non-finite loss {loss.item()} at step {s + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += loss.item()
+        train_loss = running / steps_per_epoch
+    return train_loss
+
+
 def make_block_ap(cfg: BlockAPConfig):
     """The per-block step of BlockwiseRun: swap in trainable QuantLinears, train, pack."""
 
@@ -85,32 +123,25 @@ def make_block_ap(cfg: BlockAPConfig):
             p.requires_grad_(cfg.train_norms)
         groups = [{"params": quant_params, "lr": cfg.lr_scales * cfg.lr_scale_quant},
                   {"params": weights + (others if cfg.train_norms else []), "lr": cfg.lr_weights * cfg.lr_scale}]
-        opt = torch.optim.AdamW(groups, weight_decay=0.0)
         n = len(q_in)
         steps_per_epoch = math.ceil(n / batch)
         total = cfg.epochs * steps_per_epoch
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_to_twentieth(s, total))
         val_before = _eval_loss(block, ctx, extras["val_in"], extras["val_out"], cfg.loss, batch)
-        train_loss = float("nan")
-        block.train()
-        for _ in range(cfg.epochs):
-            order = torch.randperm(n)
-            running = 0.0
-            for s in range(steps_per_epoch):
-                idx = order[s * batch:(s + 1) * batch].sort().values.numpy()
-                x, target = q_in.get(idx), fp_out.get(idx)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                    out = ctx.call(block, x)
-                loss = block_loss(out.float(), target, cfg.loss)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"Block-AP block {index}: non-finite loss {loss.item()} "
-                                             f"(lower --lr-scale or disable --bf16)")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                running += loss.item()
-            train_loss = running / steps_per_epoch
+        start = {k: v.detach().clone() for k, v in block.state_dict().items()}
+        rng_state = torch.get_rng_state()
+        retried = False
+        for lr_factor in (1.0, LR_RETRY_FACTOR):
+            try:
+                train_loss = _train(block, ctx, q_in, fp_out, groups, cfg, batch, steps_per_epoch, total, lr_factor, index)
+                break
+            except DivergedError as e:
+                if retried:
+                    raise FloatingPointError(f"Block-AP block {index} diverged again at {LR_RETRY_FACTOR}x the "
+                                             f"learning rate ({e}); lower --lr-scale/--lr-scale-quant or use --no-bf16") from None
+                print(f"Block-AP block {index}: {e}; restoring the block and retrying at {LR_RETRY_FACTOR}x the lr")
+                block.load_state_dict(start)
+                torch.set_rng_state(rng_state)
+                retried = True
         block.eval()
         for p in block.parameters():
             p.requires_grad_(False)
@@ -119,7 +150,7 @@ def make_block_ap(cfg: BlockAPConfig):
             m.pack()
         val_packed = _eval_loss(_reference(block), ctx, extras["val_in"], extras["val_out"], cfg.loss, batch)
         return {"train_loss": train_loss, "val_loss_init": val_before, "val_loss_trained": val_after,
-                "val_loss_packed": val_packed, "steps": total}
+                "val_loss_packed": val_packed, "steps": total, "retried": retried}
 
     return quantize_block
 

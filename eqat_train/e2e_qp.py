@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from eqat_kernels import QuantLinear
 from .blockwise import _atomic_save_tensors, _atomic_write_text
 from .examples import Examples, collate
 
-LOSSES = ("ce", "kl")
+LR_RETRY_FACTOR = 0.1
 
 
 @dataclass
@@ -102,8 +101,6 @@ class E2ETrainer:
 
     def __init__(self, model: nn.Module, examples: Examples, cfg: E2EConfig, state_dir: Path | None = None,
                  fingerprint_extra: dict | None = None):
-        from transformers import get_cosine_schedule_with_warmup
-
         self.model, self.examples, self.cfg = model, examples, cfg
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.rank, self.world = _dist_rank_world()
@@ -112,8 +109,8 @@ class E2ETrainer:
             raise ValueError(f"E2E-QP global batch is {self.global_batch} examples but only {len(examples)} were given")
         self.scales = trainable_scales(model)
         self.optimizer = torch.optim.AdamW(self.scales.values(), lr=cfg.lr, weight_decay=0.0)
-        self.schedule = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(cfg.warmup * cfg.steps), cfg.steps)
-        self.step, self.log = 0, []
+        self.step, self.log, self.lr_factor = 0, [], 1.0
+        self._set_schedule()
         self.fingerprint = _fingerprint({**cfg.as_dict(), **(fingerprint_extra or {}), "examples": len(examples),
                                          "world_batch": self.global_batch})
         self.ddp = None
@@ -137,31 +134,63 @@ class E2ETrainer:
         return [mine[i:i + self.cfg.batch_size] for i in range(0, per_rank, self.cfg.batch_size)]
 
     # ----- training -----------------------------------------------------------------------------
+    def _set_schedule(self) -> None:
+        """Cosine with warm-up at `self.step`, from `lr * lr_factor` (the factor drops after a divergence)."""
+        from transformers import get_cosine_schedule_with_warmup
+
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] = self.cfg.lr * self.lr_factor
+        self.schedule = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(self.cfg.warmup * self.cfg.steps),
+                                                        self.cfg.steps, last_epoch=self.step - 1)
+
     def train(self, progress: bool = True) -> list[dict]:
         self._resume()
+        self._good = self._snapshot()
         model = self.ddp or self.model
         if self.cfg.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         device = _device(self.model)
-        bar = tqdm(range(self.step, self.cfg.steps), desc=f"e2e_qp w{self.cfg.bits}", initial=self.step,
-                   total=self.cfg.steps, disable=not progress or self.rank != 0)
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"e2e_qp w{self.cfg.bits}",
+                   disable=not progress or self.rank != 0)
         try:
-            for step in bar:
-                loss = self._one_step(model, step, device)
-                self.step = step + 1
+            while self.step < self.cfg.steps:
+                loss = self._one_step(model, self.step, device)
+                if not math.isfinite(loss):
+                    self._diverged(loss)
+                    bar.n = self.step
+                    continue
+                self.step += 1
                 self.log.append({"step": self.step, "loss": loss, "lr": self.schedule.get_last_lr()[0]})
+                bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if self.step % self.cfg.save_every == 0 or self.step == self.cfg.steps:
+                    self._good = self._snapshot()
                     self.save_state()
         finally:
+            bar.close()
             self.model.eval()
             if self.cfg.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_disable"):
                 self.model.gradient_checkpointing_disable()
         freeze_scales(self.model)
         return self.log
 
+    def _diverged(self, loss: float) -> None:
+        """Non-finite loss: back to the last saved state, once, at a tenth of the learning rate."""
+        if self.lr_factor != 1.0:
+            raise FloatingPointError(f"E2E-QP diverged again (loss {loss}) at step {self.step + 1} after restarting "
+                                     f"from step {self._good['step']} at {self.lr_factor:g}x the lr; "
+                                     "lower --e2e-lr-scale or use --no-bf16")
+        if self.rank == 0:
+            print(f"E2E-QP step {self.step + 1}: loss {loss}; restoring step {self._good['step']} and retrying "
+                  f"at {LR_RETRY_FACTOR:g}x the learning rate")
+        self.lr_factor = LR_RETRY_FACTOR
+        self._restore(self._good)
+        self._set_schedule()
+
     def _one_step(self, model: nn.Module, step: int, device: torch.device) -> float:
+        """Forward/backward every micro-batch, then step. Returns the global mean loss; if it is not finite
+        (on any rank: the all-reduce spreads NaN, so every rank decides alike) nothing is updated."""
         micro = self.micro_batches(step)
         tokens = sum(self.examples.target_count(i) for i in self.global_batch_indices(step))
         denom = tokens / self.world  # DDP divides the summed gradient by world
@@ -169,38 +198,56 @@ class E2ETrainer:
         total = 0.0
         for j, idx in enumerate(micro):
             batch = {k: v.to(device) for k, v in collate(self.examples, idx).items()}
-            sync = j == len(micro) - 1
-            with (model.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()), \
-                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                loss_sum, _ = token_loss_sum(model, batch)
-            loss = loss_sum / denom
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"E2E-QP step {step + 1}: the loss is {loss.item()} (diverged); "
-                                         f"lower --e2e-lr-scale (now lr={self.cfg.lr:g})")
-            with model.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext():
-                loss.backward()
+            no_sync = model.no_sync() if self.ddp is not None and j < len(micro) - 1 else contextlib.nullcontext()
+            with no_sync:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                    loss_sum, _ = token_loss_sum(model, batch)
+                (loss_sum / denom).backward()
             total += loss_sum.item()
+        mean = _all_reduce_sum(total, device) / (denom * self.world)
+        if not math.isfinite(mean):
+            self.optimizer.zero_grad(set_to_none=True)
+            return mean
         torch.nn.utils.clip_grad_norm_(list(self.scales.values()), self.cfg.clip)
         self.optimizer.step()
         self.schedule.step()
-        return _all_reduce_sum(total, device) / (denom * self.world)
+        return mean
+
+    # ----- snapshots ------------------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        """Scales, AdamW moments and step, on CPU: what a save writes and a divergence restores."""
+        tensors = {f"scale/{k}": v.detach().to("cpu", copy=True) for k, v in self.scales.items()}
+        for name, p in self.scales.items():
+            st = self.optimizer.state.get(p)
+            if st:
+                tensors[f"exp_avg/{name}"] = st["exp_avg"].to("cpu", copy=True)
+                tensors[f"exp_avg_sq/{name}"] = st["exp_avg_sq"].to("cpu", copy=True)
+                tensors[f"adam_step/{name}"] = st["step"].reshape(1).to("cpu", copy=True)
+        return {"tensors": tensors, "step": self.step, "log": list(self.log), "lr_factor": self.lr_factor}
+
+    def _restore(self, snap: dict) -> None:
+        tensors = snap["tensors"]
+        self.optimizer.state.clear()
+        with torch.no_grad():
+            for name, p in self.scales.items():
+                p.copy_(tensors[f"scale/{name}"])
+                if f"exp_avg/{name}" in tensors:
+                    self.optimizer.state[p] = {"step": tensors[f"adam_step/{name}"].reshape(()).clone(),
+                                               "exp_avg": tensors[f"exp_avg/{name}"].to(p.device, copy=True),
+                                               "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device, copy=True)}
+        self.step, self.log = snap["step"], list(snap["log"])
 
     # ----- state on disk --------------------------------------------------------------------------
     def save_state(self) -> None:
         if self.state_dir is None or self.rank != 0:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        tensors = {f"scale/{k}": v.detach().contiguous() for k, v in self.scales.items()}
-        names = list(self.scales)
-        for i, p in enumerate(self.scales.values()):
-            st = self.optimizer.state.get(p)
-            if st:
-                tensors[f"exp_avg/{names[i]}"] = st["exp_avg"].contiguous()
-                tensors[f"exp_avg_sq/{names[i]}"] = st["exp_avg_sq"].contiguous()
-                tensors[f"adam_step/{names[i]}"] = st["step"].reshape(1).contiguous()
-        _atomic_save_tensors(tensors, self.state_dir / "e2e_state.safetensors")
+        snap = self._good if self._good["step"] == self.step else self._snapshot()
+        _atomic_save_tensors({k: v.contiguous() for k, v in snap["tensors"].items()},
+                             self.state_dir / "e2e_state.safetensors")
         _atomic_write_text(self.state_dir / "e2e_progress.json", json.dumps(
-            {"fingerprint": self.fingerprint, "step": self.step, "log": self.log}, indent=1))
+            {"fingerprint": self.fingerprint, "step": self.step, "log": self.log, "lr_factor": self.lr_factor},
+            indent=1))
 
     def _resume(self) -> None:
         if self.state_dir is None or not (self.state_dir / "e2e_progress.json").exists():
@@ -210,18 +257,9 @@ class E2ETrainer:
             raise ValueError(f"{self.state_dir} holds an E2E-QP run with other settings; use another output "
                              "folder or delete it to start over")
         tensors = load_file(self.state_dir / "e2e_state.safetensors")
-        with torch.no_grad():
-            for name, p in self.scales.items():
-                p.copy_(tensors[f"scale/{name}"])
-                if f"exp_avg/{name}" in tensors:
-                    self.optimizer.state[p] = {"step": tensors[f"adam_step/{name}"].reshape(()).clone(),
-                                               "exp_avg": tensors[f"exp_avg/{name}"].clone(),
-                                               "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].clone()}
-        self.step, self.log = progress["step"], progress["log"]
-        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended on resume
-            warnings.simplefilter("ignore")
-            for _ in range(self.step):
-                self.schedule.step()
+        self._restore({"tensors": tensors, "step": progress["step"], "log": progress["log"]})
+        self.lr_factor = progress.get("lr_factor", 1.0)
+        self._set_schedule()
 
 
 def _fingerprint(options: dict) -> str:

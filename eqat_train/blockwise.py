@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from eqat_kernels import QuantLinear
 
+from .faults import crash_point
 from .models import block_linears, find_blocks
 
 FP16_SAFE_MAX = 60000.0
@@ -209,9 +210,11 @@ class BlockwiseRun:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         _atomic_save_tensors({k: v.detach().contiguous() for k, v in block.state_dict().items()},
                              self.state_dir / f"block_{i:04d}.safetensors")
+        crash_point("block_checkpoint.tensors_written")
         for name, store in stores.items():
             if store is not None:
                 store.save(self.state_dir / f"{name}.npy")
+        crash_point("block_checkpoint.activations_written")
         _atomic_write_text(self.state_dir / "progress.json", json.dumps(
             {"fingerprint": self._fingerprint(), "blocks_done": i + 1, "log": self.log}, indent=1))
 

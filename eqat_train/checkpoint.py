@@ -21,6 +21,8 @@ from torch import nn
 from eqat_kernels import QuantLinear
 from eqat_kernels.spec import QuantSpec
 
+from .faults import crash_point
+
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")  # "gptq" = v1: zero points stored as z - 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -35,10 +37,14 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, qconfig: di
     """Write the folder atomically: a kill at any moment leaves either the old folder or the new one."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    recover_interrupted_save(out)
+    for stale in out.parent.glob(f".{out.name}.tmp*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     tmp.chmod(0o755)
     try:
         _write_model(model, tmp, qconfig)
+        crash_point("save.model_written")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _check_config_written(tmp, qconfig)
@@ -46,6 +52,7 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, qconfig: di
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(out, old)
+            crash_point("save.old_moved_aside")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -54,6 +61,14 @@ def save_quantized(model: nn.Module, tokenizer, out_dir: str | Path, qconfig: di
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def recover_interrupted_save(out: Path) -> None:
+    """A kill between moving the old folder aside and renaming the new one in leaves only `.<name>.old`:
+    put it back, so the previous checkpoint is where its user expects it."""
+    old = out.with_name(f".{out.name}.old")
+    if old.is_dir() and not out.exists():
+        os.replace(old, out)
 
 
 def _write_model(model: nn.Module, folder: Path, qconfig: dict) -> None:
@@ -115,6 +130,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32) -> tupl
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
+    recover_interrupted_save(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     q = read_quantization_config(path)

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"eqat {args.command}: error: {e}", file=sys.stderr)
         return 2
     if args.command not in ("generate", "chat"):

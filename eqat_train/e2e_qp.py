@@ -25,6 +25,7 @@ from eqat_kernels import QuantLinear
 
 from .blockwise import _atomic_save_tensors, _atomic_write_text
 from .examples import Examples, collate
+from .faults import crash_point
 
 LR_RETRY_FACTOR = 0.1
 
@@ -245,6 +246,7 @@ class E2ETrainer:
         snap = self._good if self._good["step"] == self.step else self._snapshot()
         _atomic_save_tensors({k: v.contiguous() for k, v in snap["tensors"].items()},
                              self.state_dir / "e2e_state.safetensors")
+        crash_point("e2e_state.tensors_written")
         _atomic_write_text(self.state_dir / "e2e_progress.json", json.dumps(
             {"fingerprint": self.fingerprint, "step": self.step, "log": self.log, "lr_factor": self.lr_factor},
             indent=1))

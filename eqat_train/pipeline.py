@@ -67,6 +67,10 @@ class QuantizeOptions:
     e2e: E2EOptions | None = field(default_factory=E2EOptions)  # None skips E2E-QP
 
     def __post_init__(self):
+        from eqat_kernels.spec import check_bits, check_group_size
+
+        check_bits(self.bits)  # fail before loading a model, not an hour into a run
+        check_group_size(self.group_size)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.calib_windows < 1:

@@ -167,7 +167,8 @@ class QuantLinear(nn.Module):
             return "triton"
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.scales.requires_grad
                                                   or (self.bias is not None and self.bias.requires_grad))
-        return "reference" if needs_grad else "cpu_int4"
+        # torch's CPU kernel takes 4-bit codes: 8-bit layers (foreign checkpoints) use the reference path.
+        return "reference" if needs_grad or self.spec.bits > 4 else "cpu_int4"
 
     def _triton_path(self) -> TritonPath:
         if "triton" not in self._cache:

@@ -48,12 +48,11 @@ def test_foreign_gptq_folder_loads_and_matches_its_codes(fp_model, tmp_path, bit
         m.backend = "reference"
     with torch.no_grad():
         torch.testing.assert_close(qmodel(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
-    if bits <= 4:  # the fast CPU path (torch int4 kernel, bf16) on act-order layers too
-        for m in layers.values():
-            m.backend = "cpu_int4"
-        with torch.no_grad():
-            fast = qmodel(ids).logits
-        assert torch.nn.functional.cosine_similarity(fast.flatten(), ref(ids).logits.flatten(), dim=0) > 0.999
+    for m in layers.values():  # "auto": torch's int4 kernel (bf16) for 2/3/4 bits, the reference for 8
+        m.backend = "auto"
+    with torch.no_grad():
+        fast = qmodel(ids).logits
+    assert torch.nn.functional.cosine_similarity(fast.flatten(), ref(ids).logits.flatten(), dim=0) > 0.999
 
 
 def test_v1_zero_point_that_does_not_fit_is_refused(fp_model, tmp_path):

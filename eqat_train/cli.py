@@ -19,7 +19,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--text", help="calibration text: stdlib (default), fortunes, a .txt/.jsonl file or hf:NAME")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--calib-windows", type=int, default=None, help="calibration windows (default 128)")
-    p.add_argument("--val-windows", type=int, default=8)
+    p.add_argument("--val-windows", type=int, default=4, help="held-out windows for per-block validation loss")
     p.add_argument("--eval-windows", type=int, default=40)
     p.add_argument("--eval-texts", nargs="*", default=["stdlib", "fortunes"])
     p.add_argument("--epochs", type=int, default=None, help="Block-AP epochs (default 1)")
@@ -43,7 +43,8 @@ def _add_e2e_options(p, prefix: str) -> None:
     p.add_argument(f"--{prefix}batch-size", type=int, default=d.batch_size, help="examples per micro-batch per process")
     p.add_argument(f"--{prefix}grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
     p.add_argument(f"--{prefix}lr-scale", type=float, default=d.lr_scale,
-                   help="multiplier over the published E2E-QP lr (2e-5 for 2-bit, 1e-5 for 3/4-bit)")
+                   help="multiplier over the published E2E-QP lr (2e-5 for 2-bit, 1e-5 for 3/4-bit); "
+                        "default x200 for 2-bit, x50 otherwise")
     p.add_argument(f"--{prefix}instruct", default=None,
                    help="instruction-tuning JSONL ({prompt, response} or {messages}); loss on responses only")
     p.add_argument(f"--{prefix}gradient-checkpointing", action="store_true", help="recompute activations in backward")

@@ -24,10 +24,10 @@ METHODS = ("block_ap", "rtn", "gptq")
 class E2EOptions:
     """E2E-QP stage: steps x batch_size x grad_accum examples (calibration windows or an instruction JSONL)."""
 
-    steps: int = 32
+    steps: int = 24
     batch_size: int = 1
     grad_accum: int = 2
-    lr_scale: float = 1.0
+    lr_scale: float | None = None  # None: per bit-width default (e2e_qp.DEFAULT_LR_SCALE)
     instruct: str | None = None
     gradient_checkpointing: bool = False
     save_every: int = 8
@@ -53,7 +53,7 @@ class QuantizeOptions:
     text: str | None = None
     seq_len: int = 512
     calib_windows: int = 128
-    val_windows: int = 8
+    val_windows: int = 4
     eval_windows: int = 40
     eval_texts: list[str] = field(default_factory=lambda: ["stdlib", "fortunes"])
     epochs: int = 1

@@ -25,15 +25,17 @@ from common import RESULTS, machine, write_json
 PROMPT_TOKENS, NEW_TOKENS = 128, 32
 
 
-def _load(source: str):
-    if source == "fp32":
+def _load(source: str, dtype: torch.dtype):
+    """`fp32` / `bf16`: the embedded fp model; anything else: a quantized checkpoint whose unquantized
+    tensors (embeddings, norms, the tied head) are loaded in `dtype`."""
+    if source in ("fp32", "bf16"):
         from eqat_train.models import load_model
 
         model, tok, _ = load_model(None)
-        return model.eval(), tok
+        return model.to(torch.float32 if source == "fp32" else torch.bfloat16).eval(), tok
     from eqat_train.checkpoint import load_quantized
 
-    return load_quantized(source)
+    return load_quantized(source, dtype=dtype)
 
 
 def _prompts(tok, batch: int) -> torch.Tensor:
@@ -51,8 +53,8 @@ def _generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> tuple[float,
     return time.perf_counter() - t0, out[:, ids.shape[1]:]
 
 
-def measure_one(source: str, device: str) -> dict:
-    model, tok = _load(source)
+def measure_one(source: str, device: str, dtype: torch.dtype) -> dict:
+    model, tok = _load(source, dtype)
     model.to(device)
     row = {"model": source}
     for batch in (1, 8):
@@ -106,14 +108,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="*", default=[])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                        help="dtype of a quantized model's unquantized tensors (embeddings, norms, head)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("ROW " + json.dumps(measure_one(args.one, args.device)))
+        print("ROW " + json.dumps(measure_one(args.one, args.device, getattr(torch, args.dtype))))
         return
     rows = []
-    for source in ["fp32", *args.checkpoints]:
-        out = subprocess.run([sys.executable, __file__, "--one", source, "--device", args.device],
+    for source in ["fp32", "bf16", *args.checkpoints]:
+        out = subprocess.run([sys.executable, __file__, "--one", source, "--device", args.device, "--dtype", args.dtype],
                              capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         line = next((x for x in out.stdout.splitlines() if x.startswith("ROW ")), None)
         if line is None:
@@ -129,6 +133,7 @@ def main() -> None:
         r["greedy_agree_tokens"] = same
         r["decode_speedup_b1"] = round(r["decode_tok_s_b1"] / base["decode_tok_s_b1"], 2)
     write_json(f"inference_{args.device}.json", {"machine": machine(), "prompt_tokens": PROMPT_TOKENS,
+                                                  "quantized_model_dtype": args.dtype,
                                                   "new_tokens": NEW_TOKENS, "rows": rows})
     print(f"\n| model | decode tok/s b1 | vs fp32 | decode tok/s b8 | prefill tok/s b1 | prefill tok/s b8 | "
           f"TTFT ms b1 | greedy agree (of {NEW_TOKENS}) | size MB | size / formula | peak RSS MB |\n"

@@ -53,6 +53,13 @@ def _generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> tuple[float,
     return time.perf_counter() - t0, out[:, ids.shape[1]:]
 
 
+@torch.no_grad()
+def _prefill_seconds(model, ids: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    model(ids, use_cache=True)
+    return time.perf_counter() - t0
+
+
 def measure_one(source: str, device: str, dtype: torch.dtype) -> dict:
     model, tok = _load(source, dtype)
     model.to(device)
@@ -60,11 +67,8 @@ def measure_one(source: str, device: str, dtype: torch.dtype) -> dict:
     for batch in (1, 8):
         ids = _prompts(tok, batch).to(device)
         _generate_seconds(model, ids, 2)  # warm-up: kernel caches, repacks
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            model(ids, use_cache=True)
-            prefill = time.perf_counter() - t0
-        first, _ = min((_generate_seconds(model, ids, 1) for _ in range(2)), key=lambda r: r[0])
+        prefill = min(_prefill_seconds(model, ids) for _ in range(3))
+        first, _ = min((_generate_seconds(model, ids, 1) for _ in range(3)), key=lambda r: r[0])
         full, tokens = _generate_seconds(model, ids, NEW_TOKENS)
         row[f"prefill_tok_s_b{batch}"] = round(batch * PROMPT_TOKENS / prefill, 1)
         row[f"decode_tok_s_b{batch}"] = round(batch * (NEW_TOKENS - 1) / max(full - first, 1e-9), 1)
@@ -72,7 +76,7 @@ def measure_one(source: str, device: str, dtype: torch.dtype) -> dict:
         if batch == 1:
             row["greedy_tokens"] = tokens[0].tolist()
     row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    if source != "fp32":
+    if source not in ("fp32", "bf16"):
         row.update(checkpoint_size(Path(source)))
     return row
 

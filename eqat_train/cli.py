@@ -148,10 +148,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    _add_dtype(p)
 
 
 def _generate(args) -> dict:
-    model, tokenizer = _load(args.checkpoint, args.model)
+    model, tokenizer = _load(args.checkpoint, args.model, args.dtype)
     from .generation import generate
 
     messages = [{"role": "user", "content": args.prompt}] if args.chat else None
@@ -166,25 +167,34 @@ def _add_chat(sub) -> None:
     p.add_argument("--model")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--system", help="system message (default: the template's own)")
+    _add_dtype(p)
+
+
+def _add_dtype(p) -> None:
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="dtype of the unquantized tensors (default bfloat16: on CPU twice the decode speed of "
+                        "float32 for the fp model and a faster head for quantized ones)")
 
 
 def _chat(args) -> dict:
-    model, tokenizer = _load(args.checkpoint, args.model)
+    model, tokenizer = _load(args.checkpoint, args.model, args.dtype)
     from .generation import chat_loop
 
     turns = chat_loop(model, tokenizer, max_new_tokens=args.max_new_tokens, system=args.system)
     return {"turns": turns}
 
 
-def _load(checkpoint: str | None, model: str | None):
+def _load(checkpoint: str | None, model: str | None, dtype: str = "float32"):
+    """`dtype` is that of the unquantized tensors (embeddings, norms, head; the whole fp model)."""
+    torch_dtype = getattr(torch, dtype)
     if checkpoint:
         from .checkpoint import load_quantized
 
-        return load_quantized(checkpoint)
+        return load_quantized(checkpoint, dtype=torch_dtype)
     from .models import load_model
 
     lm, tok, _ = load_model(model)
-    return lm, tok
+    return lm.to(torch_dtype), tok
 
 
 COMMANDS = {"quantize": (_add_quantize, _quantize), "e2e": (_add_e2e, _e2e), "eval": (_add_eval, _eval), "generate": (_add_generate, _generate),

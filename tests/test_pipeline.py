@@ -105,7 +105,8 @@ def test_generate_and_chat_stream_greedy_text(tiny_packed_dir, capsys, monkeypat
         for _ in range(8):  # no KV cache, full recompute: generate's cached decode must agree
             manual = torch.cat([manual, model(manual).logits[:, -1:].argmax(-1)], dim=1)
     assert tok.decode(manual[0, ids.shape[1]:], skip_special_tokens=True) == text
-    assert cli_main(["generate", str(tiny_packed_dir), "--prompt", "The for statement", "--max-new-tokens", "8"]) == 0
+    assert cli_main(["generate", str(tiny_packed_dir), "--prompt", "The for statement", "--max-new-tokens", "8",
+                     "--dtype", "float32"]) == 0
     assert text in capsys.readouterr().out
     lines = iter(["Hello", "How are you?", ""])
     monkeypatch.setattr("builtins.input", lambda _: next(lines))

@@ -88,3 +88,64 @@ def test_eqat_checkpoint_declares_gptq_v2_for_other_loaders(tiny_packed_dir):
     assert {k: q[k] for k in ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format")} == {
         "quant_method": "gptq", "bits": 2, "group_size": 32, "sym": False, "desc_act": False,
         "checkpoint_format": "gptq_v2"}
+
+
+def _autogptq_quant_linear_class():
+    """AutoGPTQ's own packer and CPU forward (auto-gptq 0.7.1, `qlinear_cuda_old`), loaded from its file:
+    the package's __init__ needs a transformers older than ours, the module itself does not."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("auto_gptq")
+    if spec is None:
+        pytest.skip("auto-gptq is not installed (.ci/run installs it with --no-deps)")
+    path = spec.submodule_search_locations[0] + "/nn_modules/qlinear/qlinear_cuda_old.py"
+    module_spec = importlib.util.spec_from_file_location("autogptq_qlinear_cuda_old", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.QuantLinear
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_folder_packed_by_autogptq_loads_and_matches_autogptq_forward(fp_model, tmp_path, bits):
+    from safetensors.torch import save_file
+
+    AutoGPTQLinear = _autogptq_quant_linear_class()
+    model, tok = fp_model
+    group, gen = 32, torch.Generator().manual_seed(bits)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    state.pop("lm_head.weight", None)
+    theirs = copy.deepcopy(model)
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or name == "lm_head":
+            continue
+        n, k = mod.out_features, mod.in_features
+        qmax = 2**bits - 1
+        q = torch.randint(0, qmax + 1, (n, k), generator=gen)
+        z = torch.randint(1, qmax + 1, (n, k // group), generator=gen)  # v1 stores z - 1: keep z >= 1
+        s = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.005).half().float()
+        w = (q - z.repeat_interleave(group, 1)) * s.repeat_interleave(group, 1)
+        lin = torch.nn.Linear(k, n, bias=False)
+        lin.weight.data = w
+        ag = AutoGPTQLinear(bits, group, k, n, bias=False)
+        ag.pack(lin, s, z.float(), None)  # AutoGPTQ's packer: v1 (z - 1) zeros, its own bit layout
+        state.pop(f"{name}.weight")
+        for t in ("qweight", "qzeros", "scales", "g_idx"):
+            state[f"{name}.{t}"] = getattr(ag, t).contiguous()
+        parent, _, child = name.rpartition(".")
+        setattr(theirs.get_submodule(parent), child, ag.float())
+    folder = tmp_path / "autogptq"
+    folder.mkdir()
+    save_file(state, str(folder / "model.safetensors"))
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": False,
+                                     "desc_act": False}  # no checkpoint_format: AutoGPTQ's v1
+    (folder / "config.json").write_text(json.dumps(config, default=str))
+    tok.save_pretrained(folder)
+
+    ours, _ = load_quantized(folder)
+    for m in ours.modules():
+        if isinstance(m, QuantLinear):
+            m.backend = "reference"
+    ids = tok("The for statement is used to iterate", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-3, atol=1e-3)

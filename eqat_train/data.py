@@ -60,21 +60,26 @@ def _non_empty(text: str, what: str) -> str:
     return text
 
 
-def _jsonl_text(path: Path) -> str:
-    docs = []
+def jsonl_records(path: Path):
+    """(where, record) per non-blank line of a JSONL file; a broken line is named by file and number."""
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield f"{path}:{lineno}", json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{lineno} is not valid JSON: {e.msg}") from None
+
+
+def _jsonl_text(path: Path) -> str:
+    docs = []
+    for where, record in jsonl_records(path):
         if "text" in record:
             docs.append(str(record["text"]))
         elif "prompt" in record and "response" in record:
             docs.append(f"{record['prompt']}\n{record['response']}")
         else:
-            raise ValueError(f"{path}:{lineno} has neither a 'text' field nor 'prompt' and 'response'")
+            raise ValueError(f"{where} has neither a 'text' field nor 'prompt' and 'response'")
     return "\n\n".join(docs)
 
 

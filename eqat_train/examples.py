@@ -3,11 +3,12 @@
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .data import jsonl_records
 
 IGNORE = -100
 
@@ -41,14 +42,8 @@ class Examples:
         if not path.is_file():
             raise FileNotFoundError(f"instruction file {path} does not exist")
         ids, labels = [], []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno} is not valid JSON: {e.msg}") from None
-            messages = _messages(record, f"{path}:{lineno}")
+        for where, record in jsonl_records(path):
+            messages = _messages(record, where)
             x, y = _tokenize_chat(tokenizer, messages)
             x, y = x[:max_len], y[:max_len]
             if (y[1:] != IGNORE).any():

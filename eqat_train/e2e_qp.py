@@ -204,7 +204,7 @@ class E2ETrainer:
         tokens = sum(self.examples.target_count(i) for i in self.global_batch_indices(step))
         denom = tokens / self.world  # DDP divides the summed gradient by world
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for j, idx in enumerate(micro):
             batch = {k: v.to(device) for k, v in collate(self.examples, idx).items()}
             no_sync = model.no_sync() if self.ddp is not None and j < len(micro) - 1 else contextlib.nullcontext()
@@ -212,8 +212,8 @@ class E2ETrainer:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
                     loss_sum, _ = token_loss_sum(model, batch)
                 (loss_sum / denom).backward()
-            total += loss_sum.item()
-        mean = _all_reduce_sum(total, device) / (denom * self.world)
+            total += loss_sum.detach()  # summed on the device: one host sync per step, not per micro-batch
+        mean = _all_reduce_sum(total) / (denom * self.world)
         if not math.isfinite(mean):
             self.optimizer.zero_grad(set_to_none=True)
             return mean
@@ -282,12 +282,10 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_reduce_sum(value: float, device: torch.device) -> float:
-    if _dist_rank_world()[1] == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return float(t.item())
+def _all_reduce_sum(value: torch.Tensor) -> float:
+    if _dist_rank_world()[1] > 1:
+        torch.distributed.all_reduce(value)
+    return float(value.item())
 
 
 def _device(model: nn.Module) -> torch.device:

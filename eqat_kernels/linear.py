@@ -45,15 +45,22 @@ class QuantLinear(nn.Module):
 
     # ----- states -------------------------------------------------------------------------------
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int) -> "QuantLinear":
-        """Trainable fake-quant layer initialised from `linear` with per-group min-max."""
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, init: str = "minmax",
+                    importance: torch.Tensor | None = None) -> "QuantLinear":
+        """Trainable fake-quant layer initialised from `linear`: per-group min-max, or ("clip") the
+        min-max shrunk per group to the least (importance-weighted) rounding error."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight
         quantizer.check_finite_weight(w, "linear.weight")
         layer = cls(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
                     dtype=w.dtype, device=w.device)
-        scales, zeros = quantizer.minmax_init(w, layer.spec)
+        if init == "minmax":
+            scales, zeros = quantizer.minmax_init(w, layer.spec)
+        elif init == "clip":
+            scales, zeros = quantizer.clip_search_init(w, layer.spec, importance=importance)
+        else:
+            raise ValueError(f"init must be 'minmax' or 'clip', got {init!r}")
         del layer.qweight, layer.qzeros
         layer.weight = nn.Parameter(w.detach().clone())
         layer.scales = nn.Parameter(scales)

@@ -19,6 +19,10 @@ from torch import nn
 from eqat_kernels import QuantLinear
 
 from .blockwise import ActivationStore, BlockContext, swap_in_trainable
+from .models import block_linears
+
+
+INITS = ("minmax", "clip", "clip_act")
 
 
 @dataclass
@@ -31,6 +35,7 @@ class BlockAPConfig:
     lr_scale: float = 200.0  # multiplies the weight learning rate: the step-budget correction
     lr_scale_quant: float = 25.0  # multiplies the scale/zero learning rate
     loss: str = "token"  # "token" (per-token normalised) or "mse" (published)
+    init: str = "clip_act"  # "minmax" (published), "clip" (per-group clip search), "clip_act" (weighted by inputs)
     bf16: bool = True
     train_norms: bool = True
     seed: int = 0
@@ -40,6 +45,8 @@ class BlockAPConfig:
             self.lr_weights = 2e-5 if self.bits == 2 else 1e-5
         if self.loss not in ("token", "mse"):
             raise ValueError(f"loss must be 'token' or 'mse', got {self.loss!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
@@ -113,7 +120,9 @@ def make_block_ap(cfg: BlockAPConfig):
     def quantize_block(index: int, block: nn.Module, ctx: BlockContext, q_in: ActivationStore,
                        fp_out: ActivationStore, extras: dict) -> dict:
         batch = extras["batch_size"]
-        layers = swap_in_trainable(block, cfg.bits, cfg.group_size)
+        importance = input_energy(block, ctx, q_in, batch) if cfg.init == "clip_act" else None
+        init = "clip" if cfg.init == "clip_act" else cfg.init
+        layers = swap_in_trainable(block, cfg.bits, cfg.group_size, init, importance)
         block.float()
         quant_params = [p for m in layers.values() for p in (m.scales, m.zeros)]
         weights = [m.weight for m in layers.values()] + [m.bias for m in layers.values() if m.bias is not None]
@@ -146,13 +155,44 @@ def make_block_ap(cfg: BlockAPConfig):
         for p in block.parameters():
             p.requires_grad_(False)
         val_after = _eval_loss(block, ctx, extras["val_in"], extras["val_out"], cfg.loss, batch)
+        # Training can overfit a small calibration set; held-out windows decide, so a block never leaves
+        # Block-AP worse than its initialisation (NaN comparisons are False: no validation, keep training).
+        kept_init = val_after > val_before
+        if kept_init:
+            block.load_state_dict(start)
+            val_after = val_before
         for m in layers.values():
             m.pack()
         val_packed = _eval_loss(_reference(block), ctx, extras["val_in"], extras["val_out"], cfg.loss, batch)
         return {"train_loss": train_loss, "val_loss_init": val_before, "val_loss_trained": val_after,
-                "val_loss_packed": val_packed, "steps": total, "retried": retried}
+                "val_loss_packed": val_packed, "steps": total, "retried": retried, "kept_init": kept_init}
 
     return quantize_block
+
+
+IMPORTANCE_WINDOWS = 16
+
+
+@torch.no_grad()
+def input_energy(block: nn.Module, ctx, q_in: ActivationStore, batch: int) -> dict[str, torch.Tensor]:
+    """Mean squared input of every feature of every linear in the block, over the first calibration
+    windows: the weight of each input feature in the clip search (its error reaches the output scaled
+    by that feature's activations)."""
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in block_linears(block):
+        def hook(module, args, name=name):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+        hooks.append(block.get_submodule(name).register_forward_pre_hook(hook))
+    n = min(len(q_in), IMPORTANCE_WINDOWS)
+    try:
+        for i in range(0, n, batch):
+            ctx.call(block, q_in.get(slice(i, min(i + batch, n))))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: total / total.mean().clamp_min(1e-12) for name, total in sums.items()}
 
 
 def _reference(block: nn.Module) -> nn.Module:

@@ -234,25 +234,28 @@ class BlockwiseRun:
         return done
 
 
-def _replace_linears(block: nn.Module, make: Callable[[nn.Linear], QuantLinear]) -> dict[str, QuantLinear]:
+def _replace_linears(block: nn.Module, make: Callable[[str, nn.Linear], QuantLinear]) -> dict[str, QuantLinear]:
     swapped = {}
     for name, lin in block_linears(block).items():
         parent, _, child = name.rpartition(".")
-        swapped[name] = make(lin)
+        swapped[name] = make(name, lin)
         setattr(block.get_submodule(parent) if parent else block, child, swapped[name])
     return swapped
 
 
 def swap_in_empty_quant_linears(block: nn.Module, bits: int, group_size: int) -> dict[str, QuantLinear]:
     """Replace a block's linears by packed QuantLinears of the same shapes, ready for load_state_dict."""
-    return _replace_linears(block, lambda lin: QuantLinear(
+    return _replace_linears(block, lambda name, lin: QuantLinear(
         lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None,
         dtype=torch.float16, device=lin.weight.device))
 
 
-def swap_in_trainable(block: nn.Module, bits: int, group_size: int) -> dict[str, QuantLinear]:
-    """Replace a block's linears by trainable QuantLinears initialised from them (min-max)."""
-    return _replace_linears(block, lambda lin: QuantLinear.from_linear(lin, bits, group_size))
+def swap_in_trainable(block: nn.Module, bits: int, group_size: int, init: str = "minmax",
+                      importance: dict[str, torch.Tensor] | None = None) -> dict[str, QuantLinear]:
+    """Replace a block's linears by trainable QuantLinears initialised from them (`init`, see from_linear);
+    `importance` maps a linear's name in the block to its per-input-feature weight."""
+    return _replace_linears(block, lambda name, lin: QuantLinear.from_linear(
+        lin, bits, group_size, init, (importance or {}).get(name)))
 
 
 def _atomic_save_tensors(tensors: dict, path: Path) -> None:

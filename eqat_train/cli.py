@@ -28,6 +28,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--lr-scale-quant", type=float, default=None,
                    help="Block-AP scale/zero learning-rate multiplier over the published 1e-4 (default 25)")
     p.add_argument("--loss", choices=["token", "mse"], default="token")
+    p.add_argument("--init", choices=["clip_act", "clip", "minmax"], default="clip_act",
+                   help="Block-AP start: per-group clip search weighted by input energy (default), unweighted, or min-max")
     p.add_argument("--no-bf16", action="store_true", help="train and run block passes in fp32 instead of bf16 autocast")
     p.add_argument("--offload", action="store_true", help="keep cached activations memory-mapped on disk")
     p.add_argument("--seed", type=int, default=0)
@@ -71,7 +73,7 @@ def _quantize(args) -> dict:
     opts = QuantizeOptions(model=args.model, out=args.out, method=args.method, bits=args.bits,
                            group_size=args.group_size, text=args.text, seq_len=args.seq_len,
                            val_windows=args.val_windows, eval_windows=args.eval_windows, eval_texts=args.eval_texts,
-                           loss=args.loss, bf16=not args.no_bf16, offload=args.offload, seed=args.seed,
+                           loss=args.loss, init=args.init, bf16=not args.no_bf16, offload=args.offload, seed=args.seed,
                            e2e=None if args.skip_e2e else _e2e_options(args, "e2e_"))
     for name in ("calib_windows", "epochs", "lr_scale", "lr_scale_quant"):
         if getattr(args, name) is not None:

@@ -60,6 +60,7 @@ class QuantizeOptions:
     lr_scale: float = 200.0
     lr_scale_quant: float = 25.0
     loss: str = "token"
+    init: str = "clip_act"
     bf16: bool = True
     batch_size: int = 2
     offload: bool = False
@@ -98,7 +99,7 @@ def quantize(opts: QuantizeOptions, progress: bool = True) -> dict:
     if opts.method == "block_ap":
         cfg = BlockAPConfig(bits=opts.bits, group_size=opts.group_size, epochs=opts.epochs, lr_scale=opts.lr_scale,
                             lr_scale_quant=opts.lr_scale_quant,
-                            loss=opts.loss, bf16=opts.bf16, seed=opts.seed)
+                            loss=opts.loss, init=opts.init, bf16=opts.bf16, seed=opts.seed)
         step, method_options = make_block_ap(cfg), cfg.as_dict()
     elif opts.method == "rtn":
         step, method_options = make_rtn(opts.bits, opts.group_size), {"method": "rtn"}

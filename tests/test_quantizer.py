@@ -64,3 +64,54 @@ def test_non_finite_weights_are_refused(value):
 def test_non_2d_weight_is_refused():
     with pytest.raises(ValueError, match="2-D"):
         quantizer.minmax_init(torch.randn(2, 32, 64), QuantSpec(4, 32, 64, 32))
+
+
+def _brute_force_clip(w: torch.Tensor, spec: QuantSpec, ratios, weigh: torch.Tensor):
+    """Group by group, ratio by ratio, in fp64: the clip search written out as loops."""
+    s_out = torch.empty(spec.num_groups, spec.out_features, dtype=torch.float64)
+    z_out = torch.empty_like(s_out)
+    for n in range(spec.out_features):
+        for gi in range(spec.num_groups):
+            cols = slice(gi * spec.group, min((gi + 1) * spec.group, spec.in_features))
+            row, wt = w[n, cols], weigh[cols]
+            best = None
+            for r in ratios:
+                s = max(min((row.max() - row.min()).item() * r / spec.qmax, 1e4), 1e-4)
+                z = min(max(round(-row.min().item() * r / s), 0), spec.qmax)
+                q = torch.clamp(torch.round(row / s) + z, 0, spec.qmax)
+                err = (((row - (q - z) * s) ** 2) * wt).sum().item()
+                if best is None or err < best[0]:
+                    best = (err, s, z)
+            s_out[gi, n], z_out[gi, n] = best[1], best[2]
+    return s_out, z_out
+
+
+@pytest.mark.parametrize("bits,group,k", [(2, 64, 96), (3, 32, 64), (4, -1, 96)])
+def test_clip_search_init_equals_the_loop_written_search(bits, group, k):
+    g = torch.Generator().manual_seed(bits * 100 + k)
+    spec = QuantSpec(bits, group, k, 32)
+    w = torch.randn(32, k, generator=g, dtype=torch.float64) * torch.rand(32, k, generator=g, dtype=torch.float64).pow(4) * 3
+    importance = torch.rand(k, generator=g, dtype=torch.float64) * 4
+    s, z = quantizer.clip_search_init(w, spec, ratios=7, min_ratio=0.4, importance=importance)
+    es, ez = _brute_force_clip(w, spec, torch.linspace(1.0, 0.4, 7).tolist(), importance)
+    torch.testing.assert_close(s.double(), es, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(z.double(), ez)
+
+
+def test_clip_search_never_worse_than_minmax_and_weighting_targets_the_weighted_error():
+    g = torch.Generator().manual_seed(7)
+    spec = QuantSpec(2, 64, 128, 64)
+    w = torch.randn(64, 128, generator=g) * torch.rand(64, 128, generator=g).pow(3)  # heavy tails: clipping pays
+    importance = torch.rand(128, generator=g).pow(4) * 10
+
+    def err(s, z, weigh):
+        return (((w - quantizer.fake_quantize(w, s, z, spec)) ** 2) * weigh).sum().item()
+
+    ones = torch.ones(128)
+    mm, clip = quantizer.minmax_init(w, spec), quantizer.clip_search_init(w, spec)
+    act = quantizer.clip_search_init(w, spec, importance=importance)
+    assert err(*clip, ones) < 0.8 * err(*mm, ones)
+    assert err(*act, importance) <= err(*clip, importance) + 1e-6
+    assert err(*clip, ones) <= err(*act, ones) + 1e-6
+    with pytest.raises(ValueError, match="importance must have shape"):
+        quantizer.clip_search_init(w, spec, importance=torch.ones(64))

@@ -28,8 +28,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--lr-scale-quant", type=float, default=None,
                    help="Block-AP scale/zero learning-rate multiplier over the published 1e-4 (default 25)")
     p.add_argument("--loss", choices=["token", "mse"], default="token")
-    p.add_argument("--init", choices=["clip_act", "clip", "minmax"], default="clip_act",
-                   help="Block-AP start: per-group clip search weighted by input energy (default), unweighted, or min-max")
+    p.add_argument("--init", choices=["clip_act", "clip", "minmax"], default=None,
+                   help="Block-AP start: per-group clip search weighted by input energy (default at 2/3 bits), "
+                        "unweighted, or min-max (default at 4 bits)")
     p.add_argument("--no-bf16", action="store_true", help="train and run block passes in fp32 instead of bf16 autocast")
     p.add_argument("--offload", action="store_true", help="keep cached activations memory-mapped on disk")
     p.add_argument("--seed", type=int, default=0)

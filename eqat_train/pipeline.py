@@ -60,7 +60,7 @@ class QuantizeOptions:
     lr_scale: float = 200.0
     lr_scale_quant: float = 25.0
     loss: str = "token"
-    init: str = "clip_act"
+    init: str | None = None  # Block-AP start; None: block_ap.default_init(bits)
     bf16: bool = True
     batch_size: int = 2
     offload: bool = False

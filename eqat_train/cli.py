@@ -47,7 +47,7 @@ def _add_e2e_options(p, prefix: str) -> None:
     p.add_argument(f"--{prefix}grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
     p.add_argument(f"--{prefix}lr-scale", type=float, default=d.lr_scale,
                    help="multiplier over the published E2E-QP lr (2e-5 for 2-bit, 1e-5 for 3/4-bit); "
-                        "default x200 for 2-bit, x50 for 3-bit, x20 for 4-bit")
+                        "default x20 for 2-bit, x50 for 3-bit, x20 for 4-bit")
     p.add_argument(f"--{prefix}instruct", default=None,
                    help="instruction-tuning JSONL ({prompt, response} or {messages}); loss on responses only")
     p.add_argument(f"--{prefix}gradient-checkpointing", action="store_true", help="recompute activations in backward")

@@ -35,15 +35,24 @@ def _group_view(weight: torch.Tensor, spec: QuantSpec, pad_value: float) -> torc
     return weight.reshape(spec.out_features, spec.num_groups, spec.group)
 
 
+def _group_range(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group min and max of `[N, K]` weights, `[N, G, 1]` each (padding never counts)."""
+    return (_group_view(w, spec, float("inf")).amin(dim=-1, keepdim=True),
+            _group_view(w, spec, float("-inf")).amax(dim=-1, keepdim=True))
+
+
+def _range_scale_zero(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec,
+                      ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min-max grid of the range shrunk by `ratio`: `s = clamp((max-min)*r/qmax)`, `z = round(-min*r/s)`."""
+    scales = ((wmax - wmin) * ratio / spec.qmax).clamp(SCALE_MIN, SCALE_MAX)
+    return scales, torch.round(-wmin * ratio / scales)
+
+
 def minmax_init(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group asymmetric min-max: `s = clamp((max-min)/qmax)`, `z = round(-min/s)`; both `[G, N]` fp32."""
     check_finite_weight(weight)
-    w = weight.detach().float()
-    wmax = _group_view(w, spec, float("-inf")).amax(dim=-1)
-    wmin = _group_view(w, spec, float("inf")).amin(dim=-1)
-    scales = ((wmax - wmin) / spec.qmax).clamp(SCALE_MIN, SCALE_MAX)
-    zeros = torch.round(-wmin / scales)
-    return scales.t().contiguous(), zeros.t().contiguous()
+    scales, zeros = _range_scale_zero(*_group_range(weight.detach().float(), spec), spec)
+    return scales.squeeze(-1).t().contiguous(), zeros.squeeze(-1).t().contiguous()
 
 
 def clip_search_init(
@@ -58,9 +67,9 @@ def clip_search_init(
     contributes to the layer's output. Returns `[G, N]` fp32 like `minmax_init`; ratio 1 is min-max.
     """
     check_finite_weight(weight)
-    w = _group_view(weight.detach().float(), spec, 0.0)
-    wmax = _group_view(weight.detach().float(), spec, float("-inf")).amax(dim=-1, keepdim=True)
-    wmin = _group_view(weight.detach().float(), spec, float("inf")).amin(dim=-1, keepdim=True)
+    weight = weight.detach().float()
+    w = _group_view(weight, spec, 0.0)
+    wmin, wmax = _group_range(weight, spec)
     weigh = torch.ones(spec.num_groups * spec.group, device=w.device)
     if importance is not None:
         if importance.shape != (spec.in_features,):
@@ -71,8 +80,8 @@ def clip_search_init(
     best_err = torch.full(wmax.shape, float("inf"), device=w.device)
     best_s, best_z = torch.ones_like(wmax), torch.zeros_like(wmax)
     for r in torch.linspace(1.0, min_ratio, ratios).tolist():
-        s = ((wmax - wmin) * r / spec.qmax).clamp(SCALE_MIN, SCALE_MAX)
-        z = torch.round(-wmin * r / s).clamp(0, spec.qmax)
+        s, z = _range_scale_zero(wmin, wmax, spec, r)
+        z = z.clamp(0, spec.qmax)
         w_hat = (torch.clamp(torch.round(w / s) + z, 0, spec.qmax) - z) * s
         err = ((w - w_hat).pow(2) * weigh).sum(-1, keepdim=True)
         better = err < best_err

@@ -7,8 +7,9 @@ Differences from the published recipe, each an option measured in the README:
 * loss: "token" normalises each token's squared error by its target's energy, so the few attention-sink
   tokens with |h| ~ 22,800 do not drown the rest; "mse" is the published plain MSE;
 * init: the published min-max start leaves ~64 steps too little to undo its rounding error; "clip_act"
-  (default at 2 and 3 bits; 4 bits keep min-max, measured better there) shrinks each group's range to the one that minimises the rounding error weighted by the
-  mean-squared input of each input feature on calibration windows, ~30% lower held-out block error;
+  (default at 2 and 3 bits; 4 bits keep min-max, measured better there) shrinks each group's range to
+  the one that minimises the rounding error weighted by the mean-squared input of each input feature on
+  calibration windows, ~30% lower held-out block error;
 * a block whose held-out loss ends above its start keeps its start (small calibration sets overfit);
 * bf16 autocast on CPU (fp32 master parameters), ~4x faster matmuls.
 """

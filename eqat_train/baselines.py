@@ -7,7 +7,7 @@ from torch import nn
 
 from eqat_kernels import QuantLinear, quantizer
 
-from .blockwise import ActivationStore, BlockContext, swap_in_trainable
+from .blockwise import ActivationStore, BlockContext, observe_linear_inputs, swap_in_trainable
 
 
 def make_rtn(bits: int, group_size: int):
@@ -27,28 +27,18 @@ def _hessians(block: nn.Module, ctx: BlockContext, q_in: ActivationStore, batch:
 
     Accumulated in fp32 per batch (fp64 sums across batches); layers fed the same tensor (q/k/v,
     gate/up) share one product instead of recomputing it."""
-    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-    hs = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in linears.items()}
-    counts = dict.fromkeys(linears, 0)
+    hs: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
     last: dict = {}
 
-    def hook(name):
-        def fn(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            if last.get("input") is not args[0]:  # holding the tensor keeps its address from being reused
-                last["input"], last["xtx"] = args[0], (x.t() @ x).double()
-            hs[name] += 2 * last["xtx"]
-            counts[name] += x.shape[0]
-        return fn
+    def accumulate(name: str, inp: torch.Tensor) -> None:
+        x = inp.reshape(-1, inp.shape[-1]).float()
+        if last.get("input") is not inp:  # holding the tensor keeps its address from being reused
+            last["input"], last["xtx"] = inp, (x.t() @ x).double()
+        hs[name] = hs.get(name, 0) + 2 * last["xtx"]
+        counts[name] = counts.get(name, 0) + x.shape[0]
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-    try:
-        for i in range(0, len(q_in), batch):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                ctx.call(block, q_in.get(slice(i, i + batch)))
-    finally:
-        for h in handles:
-            h.remove()
+    observe_linear_inputs(block, ctx, q_in, batch, accumulate, bf16=bf16)
     return {n: hs[n] / max(counts[n], 1) for n in hs}
 
 

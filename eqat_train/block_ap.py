@@ -23,8 +23,7 @@ from torch import nn
 
 from eqat_kernels import QuantLinear
 
-from .blockwise import ActivationStore, BlockContext, swap_in_trainable
-from .models import block_linears
+from .blockwise import ActivationStore, BlockContext, observe_linear_inputs, swap_in_trainable
 
 
 INITS = ("minmax", "clip", "clip_act")
@@ -186,25 +185,16 @@ def make_block_ap(cfg: BlockAPConfig):
 IMPORTANCE_WINDOWS = 16
 
 
-@torch.no_grad()
 def input_energy(block: nn.Module, ctx, q_in: ActivationStore, batch: int) -> dict[str, torch.Tensor]:
     """Mean squared input of every feature of every linear in the block, over the first calibration
     windows: the weight of each input feature in the clip search (its error reaches the output scaled
     by that feature's activations)."""
     sums: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name in block_linears(block):
-        def hook(module, args, name=name):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
-        hooks.append(block.get_submodule(name).register_forward_pre_hook(hook))
-    n = min(len(q_in), IMPORTANCE_WINDOWS)
-    try:
-        for i in range(0, n, batch):
-            ctx.call(block, q_in.get(slice(i, min(i + batch, n))))
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        sums[name] = sums.get(name, 0) + x.float().reshape(-1, x.shape[-1]).pow(2).sum(0)
+
+    observe_linear_inputs(block, ctx, q_in, batch, accumulate, windows=IMPORTANCE_WINDOWS)
     return {name: total / total.mean().clamp_min(1e-12) for name, total in sums.items()}
 
 

@@ -234,6 +234,24 @@ class BlockwiseRun:
         return done
 
 
+@torch.no_grad()
+def observe_linear_inputs(block: nn.Module, ctx: BlockContext, inputs: ActivationStore, batch: int,
+                          observe: Callable[[str, torch.Tensor], None], windows: int | None = None,
+                          bf16: bool = False) -> None:
+    """Run `block` over the first `windows` of `inputs` (all by default), handing every linear's input to
+    `observe(name, x)`: the one hook mechanism behind GPTQ's Hessians and Block-AP's input energy."""
+    n = len(inputs) if windows is None else min(len(inputs), windows)
+    handles = [block.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: observe(name, args[0])) for name in block_linears(block)]
+    try:
+        for i in range(0, n, batch):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                ctx.call(block, inputs.get(slice(i, min(i + batch, n))))
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _replace_linears(block: nn.Module, make: Callable[[str, nn.Linear], QuantLinear]) -> dict[str, QuantLinear]:
     swapped = {}
     for name, lin in block_linears(block).items():

@@ -72,7 +72,7 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[torch
     try:
         for i in range(windows.shape[0]):
             try:
-                model(windows[i:i + 1])
+                model(windows[i:i + 1], use_cache=False)
             except _StopForward:
                 pass
     finally:

@@ -174,9 +174,9 @@ def _add_chat(sub) -> None:
 
 
 def _add_dtype(p) -> None:
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                   help="dtype of the unquantized tensors (default bfloat16: on CPU twice the decode speed of "
-                        "float32 for the fp model and a faster head for quantized ones)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                   help="dtype of the unquantized tensors (default auto: bfloat16 on CPU, float16 on CUDA, "
+                        "as load_quantized loads them)")
 
 
 def _chat(args) -> dict:
@@ -189,7 +189,9 @@ def _chat(args) -> dict:
 
 def _load(checkpoint: str | None, model: str | None, dtype: str = "float32"):
     """`dtype` is that of the unquantized tensors (embeddings, norms, head; the whole fp model)."""
-    torch_dtype = getattr(torch, dtype)
+    from .checkpoint import default_dtype
+
+    torch_dtype = default_dtype() if dtype == "auto" else getattr(torch, dtype)
     if checkpoint:
         from .checkpoint import load_quantized
 

@@ -30,7 +30,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, exa
     try:
         for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False):
             ids = windows[start:start + batch_size].to(device)
-            logits = model(ids).logits[:, :-1].float()
+            logits = model(ids, use_cache=False).logits[:, :-1].float()
             total += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                                  reduction="sum").item()
             count += ids[:, 1:].numel()

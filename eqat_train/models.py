@@ -45,9 +45,7 @@ def resolve_source(model: str | None) -> ModelSource:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {model} does not exist")
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ValueError(f"{model} is not a GGUF file (its first bytes are not 'GGUF')")
+        check_gguf(path)
         return ModelSource("gguf", str(path.parent), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -56,6 +54,26 @@ def resolve_source(model: str | None) -> ModelSource:
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise FileNotFoundError(f"model {model!r} is not a .gguf file, a model folder, or a Hub id (org/name)")
     return ModelSource("hub", model)
+
+
+def check_gguf(path: Path):
+    """Parse a GGUF file's whole header and tensor table before anything else reads it; a truncated or
+    corrupt file (any length, any header field) raises a ValueError that names it. Returns the reader."""
+    import gguf
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (its first bytes are not 'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path)
+        for tensor in reader.tensors:  # each tensor's extent must lie inside the file
+            if tensor.data_offset + tensor.n_bytes > reader.data.shape[0] or tensor.data.nbytes != tensor.n_bytes:
+                raise ValueError(f"tensor {tensor.name} runs past the end of the file")
+    # The gguf parser fails on damaged input in many ways (struct/numpy errors, bad enums, overflow,
+    # unicode): all of them mean the same thing to the user, so all become one message.
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path} is not a readable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from None
+    return reader
 
 
 def load_model(model: str | None = None, dtype: torch.dtype = torch.float32):
@@ -72,8 +90,13 @@ def load_model(model: str | None = None, dtype: torch.dtype = torch.float32):
             raise FileNotFoundError(f"could not fetch {source.location!r} from the Hugging Face Hub "
                                     f"(offline? HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE')}): {e}") from e
         raise
-    lm.eval()
-    lm.config.use_cache = False
+    except (KeyError, IndexError, TypeError, RuntimeError, AttributeError) as e:
+        if source.kind != "gguf":
+            raise
+        # a header that parses but describes a model transformers cannot build (damaged field values)
+        raise ValueError(f"{source.describe()} parses as GGUF but does not describe a loadable model: "
+                         f"{type(e).__name__}: {e}") from None
+    lm.eval()  # the config stays the source's: every training pass asks for use_cache=False itself
     return lm, tokenizer, source
 
 

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 
 from . import data, evaluate, models
 from .baselines import make_gptq, make_rtn
@@ -163,7 +164,7 @@ def e2e(checkpoint: str, out: str, opts: E2EOptions, text: str | None = None, se
     state_dir = out_path.with_name(out_path.name + ".partial")
     _refuse_foreign_output(out_path, state_dir)
     q = read_quantization_config(Path(checkpoint))
-    model, tokenizer = load_quantized(checkpoint)
+    model, tokenizer = load_quantized(checkpoint, dtype=torch.float32)  # fp32 master copy for training
     if tokenizer is None and not opts.instruct and text is None:
         raise ValueError(f"{checkpoint} has no tokenizer files; cannot tokenize the calibration text")
     windows = data.tokenize_windows(tokenizer, data.load_text(text), seq_len)

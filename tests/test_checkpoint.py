@@ -83,3 +83,39 @@ def test_offloaded_activations_give_the_same_checkpoint(tiny_model_dir, checkpoi
 def test_generate_from_a_checkpoint(checkpoint, capsys):
     assert cli_main(["generate", str(checkpoint), "--prompt", "def f(x):", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip() != ""
+
+
+def test_saved_config_equals_the_source_and_plain_generate_uses_the_cache(tiny_model_dir, checkpoint):
+    """Whatever training turns off (use_cache, dtype...) is the source's again in the saved folder, so a
+    user's plain `model.generate(ids)` decodes with the KV cache."""
+    from transformers import AutoConfig, GenerationConfig
+
+    src = json.loads((tiny_model_dir / "config.json").read_text())
+    saved = json.loads((checkpoint / "config.json").read_text())
+    assert saved.pop("quantization_config")["checkpoint_format"] == "gptq_v2"
+    volatile = {"_name_or_path", "transformers_version"}
+    assert {k: (src.get(k), saved.get(k)) for k in set(src) | set(saved)
+            if k not in volatile and src.get(k) != saved.get(k)} == {}
+    assert AutoConfig.from_pretrained(checkpoint).use_cache is True
+    src_gen = GenerationConfig.from_pretrained(tiny_model_dir).to_diff_dict()
+    saved_gen = GenerationConfig.from_pretrained(checkpoint).to_diff_dict()
+    assert {k: v for k, v in saved_gen.items() if k not in volatile} == {k: v for k, v in src_gen.items() if k not in volatile}
+
+    model, tok = load_quantized(checkpoint)
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    ids = tok("def f(x):", return_tensors="pt").input_ids
+    model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert seen == [ids.shape[1]] + [1] * 5  # prompt once, then one token per step: the cache is used
+
+
+def test_load_quantized_defaults_to_the_fast_dtype_and_takes_an_override(checkpoint):
+    from eqat_train.checkpoint import default_dtype
+
+    model, _ = load_quantized(checkpoint)
+    assert default_dtype() == torch.bfloat16  # no CUDA here
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    model32, _ = load_quantized(checkpoint, dtype=torch.float32)
+    assert model32.get_input_embeddings().weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype must be 'auto'"):
+        load_quantized(checkpoint, dtype="fp8")

@@ -26,7 +26,7 @@ def _windows(tokenizer, n_eval=4):
 
 
 def test_e2e_trains_only_scales_and_lowers_held_out_loss(tiny_packed_dir):
-    model, tok = load_quantized(tiny_packed_dir)
+    model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
     held_out, train = _windows(tok)
     before = {n: t.clone() for n, t in model.state_dict().items()}
     ppl0 = evaluate.perplexity(model, held_out, progress=False)
@@ -43,7 +43,7 @@ def test_e2e_trains_only_scales_and_lowers_held_out_loss(tiny_packed_dir):
 
 def test_scale_gradients_match_a_dense_dequantized_model(tiny_packed_dir):
     """ds through the fused Function equals autograd through W_hat = (q - z) * s built densely."""
-    model, tok = load_quantized(tiny_packed_dir)
+    model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
     _, train = _windows(tok)
     batch = collate(Examples.from_windows(train), [0, 1])
     trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=1, bf16=False))
@@ -51,7 +51,7 @@ def test_scale_gradients_match_a_dense_dequantized_model(tiny_packed_dir):
     loss.backward()
     fused = {n: p.grad.clone() for n, p in trainer.scales.items()}
 
-    dense, _ = load_quantized(tiny_packed_dir)
+    dense, _ = load_quantized(tiny_packed_dir, dtype=torch.float32)
     scales = {}
     for name, m in list(dense.named_modules()):
         if isinstance(m, QuantLinear):
@@ -67,7 +67,7 @@ def test_scale_gradients_match_a_dense_dequantized_model(tiny_packed_dir):
 
 
 def test_bf16_autocast_runs_forward_and_backward_in_bf16_close_to_fp32(tiny_packed_dir):
-    model, tok = load_quantized(tiny_packed_dir)
+    model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
     _, train = _windows(tok)
     batch = collate(Examples.from_windows(train), [0])
     trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=1))
@@ -124,7 +124,7 @@ def test_e2e_on_instruction_data_end_to_end(tiny_packed_dir, tmp_path):
     assert res["e2e"][-1]["loss"] < res["e2e"][0]["loss"]
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert q["eqat"]["stages"] == ["rtn", "e2e_qp"] and q["eqat"]["e2e_qp"]["instruct"] == str(path)
-    load_quantized(out)
+    load_quantized(out, dtype=torch.float32)
 
 
 def _e2e_cmd(src, out, *extra):

@@ -50,7 +50,7 @@ def test_block_ap_that_diverges_twice_stops_with_a_message(tiny_model_dir, tmp_p
 def _trainer(tiny_packed_dir, steps=12):
     from eqat_train import data
 
-    model, tok = load_quantized(tiny_packed_dir)
+    model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
     windows = data.tokenize_windows(tok, data.load_text(None), 32)[4:20]
     return E2ETrainer(model, Examples.from_windows(windows), E2EConfig(bits=2, steps=steps, lr=1e-3, bf16=False,
                                                                         save_every=4))

@@ -33,7 +33,7 @@ def test_foreign_gptq_folder_loads_and_matches_its_codes(fp_model, tmp_path, bit
     folder = tmp_path / "gptq"
     dense = write_gptq_folder(model, tok, folder, bits, group, fmt=fmt, sym=sym, act_order=act_order,
                               with_g_idx=with_g_idx)
-    qmodel, qtok = load_quantized(folder)
+    qmodel, qtok = load_quantized(folder, dtype=torch.float32)
     layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLinear)}
     assert layers.keys() == dense.keys()
     for name, layer in layers.items():
@@ -142,7 +142,7 @@ def test_folder_packed_by_autogptq_loads_and_matches_autogptq_forward(fp_model, 
     (folder / "config.json").write_text(json.dumps(config, default=str))
     tok.save_pretrained(folder)
 
-    ours, _ = load_quantized(folder)
+    ours, _ = load_quantized(folder, dtype=torch.float32)
     for m in ours.modules():
         if isinstance(m, QuantLinear):
             m.backend = "reference"

@@ -31,7 +31,7 @@ def test_quantize_save_load_eval(tiny_model_dir, tmp_path, method):
     assert config["checkpoint_format"] == "gptq_v2" and config["bits"] == 2 and config["group_size"] == 32
     assert config["sym"] is False and config["desc_act"] is False and config["eqat"]["method"] == method
 
-    model, tokenizer = load_quantized(out)
+    model, tokenizer = load_quantized(out, dtype=torch.float32)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 4 * 7 and all(m.is_packed for m in layers)
     windows = data.tokenize_windows(tokenizer, data.load_text(None), 32)[:4]
@@ -104,7 +104,7 @@ def test_kill_9_then_rerun_resumes_and_matches(tiny_model_dir, tmp_path):
 def test_generate_and_chat_stream_greedy_text(tiny_packed_dir, capsys, monkeypatch):
     from eqat_train.generation import generate
 
-    model, tok = load_quantized(tiny_packed_dir)
+    model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
     text = generate(model, tok, "The for statement", max_new_tokens=8)
     assert text and text == generate(model, tok, "The for statement", max_new_tokens=8)  # greedy: deterministic
     ids = tok("The for statement", return_tensors="pt").input_ids

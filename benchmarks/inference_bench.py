@@ -25,9 +25,10 @@ from common import RESULTS, machine, write_json
 PROMPT_TOKENS, NEW_TOKENS = 128, 32
 
 
-def _load(source: str, dtype: torch.dtype):
+def _load(source: str, dtype: torch.dtype | str):
     """`fp32` / `bf16`: the embedded fp model; anything else: a quantized checkpoint whose unquantized
-    tensors (embeddings, norms, the tied head) are loaded in `dtype`."""
+    tensors (embeddings, norms, the tied head) are loaded in `dtype` ("auto": as the README's API
+    example loads it, `load_quantized(path)` with no arguments)."""
     if source in ("fp32", "bf16"):
         from eqat_train.models import load_model
 
@@ -38,34 +39,35 @@ def _load(source: str, dtype: torch.dtype):
     return load_quantized(source, dtype=dtype)
 
 
-def _prompts(tok, batch: int) -> torch.Tensor:
+def _prompts(tok, batch: int, text: str) -> torch.Tensor:
     from eqat_train import data
 
-    windows = data.tokenize_windows(tok, data.load_text("fortunes"), PROMPT_TOKENS)
+    windows = data.tokenize_windows(tok, data.load_text(text), PROMPT_TOKENS)
     return windows[:batch]
 
 
 @torch.no_grad()
 def _generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
     t0 = time.perf_counter()
+    # plain generate, as a user calls it: the KV cache comes from the checkpoint's own config
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     return time.perf_counter() - t0, out[:, ids.shape[1]:]
 
 
 @torch.no_grad()
 def _prefill_seconds(model, ids: torch.Tensor) -> float:
     t0 = time.perf_counter()
-    model(ids, use_cache=True)
+    model(ids)
     return time.perf_counter() - t0
 
 
-def measure_one(source: str, device: str, dtype: torch.dtype) -> dict:
+def measure_one(source: str, device: str, dtype: torch.dtype | str, text: str) -> dict:
     model, tok = _load(source, dtype)
     model.to(device)
-    row = {"model": source}
+    row = {"model": source, "dtype": str(next(p.dtype for n, p in model.named_parameters() if "embed" in n))}
     for batch in (1, 8):
-        ids = _prompts(tok, batch).to(device)
+        ids = _prompts(tok, batch, text).to(device)
         _generate_seconds(model, ids, 2)  # warm-up: kernel caches, repacks
         prefill = min(_prefill_seconds(model, ids) for _ in range(3))
         first, _ = min((_generate_seconds(model, ids, 1) for _ in range(3)), key=lambda r: r[0])
@@ -112,16 +114,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="*", default=[])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                        help="dtype of a quantized model's unquantized tensors (embeddings, norms, head)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                        help="dtype of a quantized model's unquantized tensors (embeddings, norms, head); "
+                             "default auto: load_quantized's own default, what the README's API example gets")
+    parser.add_argument("--text", default="stdlib",
+                        help="prompts: the first 128-token windows of this text (stdlib: always there)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print("ROW " + json.dumps(measure_one(args.one, args.device, getattr(torch, args.dtype))))
+        dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+        print("ROW " + json.dumps(measure_one(args.one, args.device, dtype, args.text)))
         return
     rows = []
     for source in ["fp32", "bf16", *args.checkpoints]:
-        out = subprocess.run([sys.executable, __file__, "--one", source, "--device", args.device, "--dtype", args.dtype],
+        out = subprocess.run([sys.executable, __file__, "--one", source, "--device", args.device, "--dtype", args.dtype,
+                              "--text", args.text],
                              capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
         line = next((x for x in out.stdout.splitlines() if x.startswith("ROW ")), None)
         if line is None:
@@ -137,7 +144,7 @@ def main() -> None:
         r["greedy_agree_tokens"] = same
         r["decode_speedup_b1"] = round(r["decode_tok_s_b1"] / base["decode_tok_s_b1"], 2)
     write_json(f"inference_{args.device}.json", {"machine": machine(), "prompt_tokens": PROMPT_TOKENS,
-                                                  "quantized_model_dtype": args.dtype,
+                                                  "quantized_model_dtype": args.dtype, "text": args.text,
                                                   "new_tokens": NEW_TOKENS, "rows": rows})
     print(f"\n| model | decode tok/s b1 | vs fp32 | decode tok/s b8 | prefill tok/s b1 | prefill tok/s b8 | "
           f"TTFT ms b1 | greedy agree (of {NEW_TOKENS}) | size MB | size / formula | peak RSS MB |\n"

@@ -9,6 +9,8 @@ cached reference path when gradients are needed. Repacked forms are cached, neve
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -104,7 +106,7 @@ class QuantLinear(nn.Module):
         if not self.is_packed:
             return quantizer.fake_quantize(self.weight, self.scales, self.zeros, self.spec).detach().to(dtype)
         w = reference.dequantize(self._kernel_qweight(), self.qzeros, self.scales.detach(), self.spec, dtype)
-        perm = self._input_perm()
+        perm = self.input_permutation()
         if perm is None:
             return w
         out = torch.empty_like(w)
@@ -112,7 +114,7 @@ class QuantLinear(nn.Module):
         return out
 
     # ----- act-order (g_idx) ----------------------------------------------------------------------
-    def _input_perm(self) -> torch.Tensor | None:
+    def input_permutation(self) -> torch.Tensor | None:
         """Input features sorted by group, or None when g_idx is absent or already in order."""
         if self.g_idx is None:
             return None
@@ -132,7 +134,7 @@ class QuantLinear(nn.Module):
 
     def _kernel_qweight(self) -> torch.Tensor:
         """qweight with K in group order: what every kernel and cache is built from."""
-        perm = self._input_perm()
+        perm = self.input_permutation()
         if perm is None:
             return self.qweight
         if "sorted_qweight" not in self._cache:
@@ -150,7 +152,7 @@ class QuantLinear(nn.Module):
             return nn.functional.linear(x, w_hat.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if x.device != self.qweight.device:
             raise ValueError(f"input on {x.device} but the layer's weights are on {self.qweight.device}")
-        perm = self._input_perm()
+        perm = self.input_permutation()
         if perm is not None:
             x = x.index_select(-1, perm)
         backend = self._resolve_backend(x)
@@ -215,3 +217,20 @@ class QuantLinear(nn.Module):
         state = "packed" if self.is_packed else "trainable"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.spec.bits}, "
                 f"group_size={self.spec.group_size}, bias={self.bias is not None}, {state}")
+
+
+@contextlib.contextmanager
+def compute_path(model: nn.Module, backend: str):
+    """Run every QuantLinear of `model` on `backend` ("reference": exact fp32 from the codes) inside the
+    block, and restore each layer's own choice after it."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    saved = [m.backend for m in layers]
+    for m in layers:
+        m.backend = backend
+    try:
+        yield model
+    finally:
+        for m, b in zip(layers, saved):
+            m.backend = b

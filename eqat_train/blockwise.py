@@ -6,22 +6,20 @@ state and the next block's inputs go to disk atomically, so a killed run continu
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from eqat_kernels import QuantLinear
 
+from . import runstate
 from .faults import crash_point
 from .models import block_linears, find_blocks
 
@@ -100,7 +98,7 @@ class ActivationStore:
     @classmethod
     def open(cls, path: Path) -> "ActivationStore":
         store = cls.__new__(cls)
-        store.data = np.load(path, mmap_mode="r")
+        store.data = runstate.open_array(path)
         return store
 
     def __len__(self) -> int:
@@ -201,35 +199,40 @@ class BlockwiseRun:
         return ActivationStore(values, path)
 
     def _fingerprint(self) -> str:
-        keyed = {"bits": self.bits, "group_size": self.group_size, **{k: v for k, v in self.options.items()}}
-        return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return runstate.fingerprint({"bits": self.bits, "group_size": self.group_size, **self.options})
 
     def _checkpoint(self, i: int, block: nn.Module, stores: dict) -> None:
         if self.state_dir is None:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_save_tensors({k: v.detach().contiguous() for k, v in block.state_dict().items()},
+        runstate.atomic_save_tensors({k: v.detach().contiguous() for k, v in block.state_dict().items()},
                              self.state_dir / f"block_{i:04d}.safetensors")
         crash_point("block_checkpoint.tensors_written")
         for name, store in stores.items():
             if store is not None:
                 store.save(self.state_dir / f"{name}.npy")
         crash_point("block_checkpoint.activations_written")
-        _atomic_write_text(self.state_dir / "progress.json", json.dumps(
+        runstate.atomic_write_text(self.state_dir / "progress.json", json.dumps(
             {"fingerprint": self._fingerprint(), "blocks_done": i + 1, "log": self.log}, indent=1))
 
     def _resume(self, blocks: nn.ModuleList) -> int:
         """Restore finished blocks from `state_dir`; returns the first block still to do."""
         if self.state_dir is None or not (self.state_dir / "progress.json").exists():
             return 0
-        progress = json.loads((self.state_dir / "progress.json").read_text())
-        if progress["fingerprint"] != self._fingerprint():
-            raise ValueError(f"{self.state_dir} holds a run with other settings; use another output folder "
-                             "or delete it to start over")
+        path = self.state_dir / "progress.json"
+        progress = runstate.read_progress(path, self._fingerprint(), {"blocks_done": int, "log": list})
         done = progress["blocks_done"]
+        if not 0 <= done <= len(blocks):
+            raise ValueError(f"{path} says {done} blocks are done, but the model has {len(blocks)}; delete "
+                             f"{self.state_dir} to start over")
         for i in range(done):
             swap_in_empty_quant_linears(blocks[i], self.bits, self.group_size)
-            blocks[i].load_state_dict(load_file(self.state_dir / f"block_{i:04d}.safetensors"))
+            saved = self.state_dir / f"block_{i:04d}.safetensors"
+            try:
+                blocks[i].load_state_dict(runstate.load_tensors(saved))
+            except RuntimeError as e:  # parseable, but not this block's tensors
+                raise ValueError(f"{saved} does not hold block {i}'s tensors ({str(e)[:200]}); delete "
+                                 f"{self.state_dir} to start over") from None
         self.log = progress["log"]
         return done
 
@@ -274,20 +277,3 @@ def swap_in_trainable(block: nn.Module, bits: int, group_size: int, init: str = 
     `importance` maps a linear's name in the block to its per-input-feature weight."""
     return _replace_linears(block, lambda name, lin: QuantLinear.from_linear(
         lin, bits, group_size, init, (importance or {}).get(name)))
-
-
-def _atomic_save_tensors(tensors: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def clear_state(state_dir: Path) -> None:
-    if state_dir.exists():
-        shutil.rmtree(state_dir)

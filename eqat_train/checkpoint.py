@@ -22,6 +22,7 @@ from eqat_kernels import QuantLinear
 from eqat_kernels.spec import QuantSpec
 
 from .faults import crash_point
+from .models import linear_features
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")  # "gptq" = v1: zero points stored as z - 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -137,7 +138,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | str = "auto") -> tuple
     `dtype` is that of the unquantized tensors: "auto" (default_dtype()) or a torch dtype; pass
     torch.float32 for exact evaluation or further training."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if dtype == "auto":
         dtype = default_dtype()
@@ -150,11 +151,16 @@ def load_quantized(path: str | Path, dtype: torch.dtype | str = "auto") -> tuple
     q = read_quantization_config(path)
     bits, group_size, fmt = q["bits"], q["group_size"], q.get("checkpoint_format", "gptq")
     tensors = _load_tensors(path)
-    config = AutoConfig.from_pretrained(path)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # eqat builds the quantized layers itself
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # eqat builds the quantized layers itself
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # damaged field values surface from transformers as any of these
+    except (KeyError, TypeError, AttributeError, RuntimeError, OverflowError, ZeroDivisionError) as e:
+        raise ValueError(f"{path / 'config.json'} does not describe a model transformers can build: "
+                         f"{type(e).__name__}: {e}") from None
     quantized = {name[: -len(".qweight")] for name in tensors if name.endswith(".qweight")}
     if not quantized:
         raise ValueError(f"{path} holds no quantized layers (no *.qweight tensors)")
@@ -163,15 +169,17 @@ def load_quantized(path: str | Path, dtype: torch.dtype | str = "auto") -> tuple
             linear = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"checkpoint layer {name!r} does not exist in a {config.model_type} model") from None
-        if not isinstance(linear, nn.Linear):
+        features = linear_features(linear)
+        if features is None:
             raise ValueError(f"checkpoint quantizes {name!r}, which is a {type(linear).__name__}, not a linear layer")
-        _check_layer_tensors(tensors, name, linear, bits, group_size)
+        in_features, out_features, has_bias = features
+        _check_layer_tensors(tensors, name, in_features, out_features, bits, group_size)
         if fmt == "gptq":
-            tensors[f"{name}.qzeros"] = v1_to_v2_qzeros(tensors[f"{name}.qzeros"], bits, linear.out_features, name)
+            tensors[f"{name}.qzeros"] = v1_to_v2_qzeros(tensors[f"{name}.qzeros"], bits, out_features, name)
         has_g_idx = f"{name}.g_idx" in tensors
         if has_g_idx:
-            tensors[f"{name}.g_idx"] = _check_g_idx(tensors[f"{name}.g_idx"], name, linear.in_features)
-        layer = QuantLinear(linear.in_features, linear.out_features, bits, group_size, bias=linear.bias is not None,
+            tensors[f"{name}.g_idx"] = _check_g_idx(tensors[f"{name}.g_idx"], name, in_features)
+        layer = QuantLinear(in_features, out_features, bits, group_size, bias=has_bias,
                             dtype=tensors[f"{name}.scales"].dtype, g_idx=has_g_idx)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
@@ -182,7 +190,10 @@ def load_quantized(path: str | Path, dtype: torch.dtype | str = "auto") -> tuple
     if missing or unexpected:
         raise ValueError(f"{path} does not match its config: missing tensors {missing[:5]}"
                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-    model.load_state_dict({k: v for k, v in tensors.items()}, strict=False, assign=True)
+    try:
+        model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as e:  # tensor shapes that disagree with config.json
+        raise ValueError(f"{path} does not match its config.json: {str(e)[:300]}") from None
     for name, buf in list(model.named_buffers()):
         if buf.device.type == "meta":  # non-persistent buffers (rotary inv_freq) are rebuilt, not stored
             raise ValueError(f"buffer {name} was not restored")
@@ -190,7 +201,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | str = "auto") -> tuple
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             try:
-                m._input_perm()  # act-order: validate and sort once, at load time
+                m.input_permutation()  # act-order: validate and sort once, at load time
             except ValueError as e:
                 raise ValueError(f"{name}.g_idx: {e}") from None
     for p in model.parameters():
@@ -199,8 +210,21 @@ def load_quantized(path: str | Path, dtype: torch.dtype | str = "auto") -> tuple
         if not name.endswith("scales") and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
-    return model, tokenizer
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: Path):
+    """The folder's tokenizer, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    if not (path / "tokenizer_config.json").exists():
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    # the Rust tokenizers library reports a damaged tokenizer.json as a bare Exception
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"the tokenizer files in {path} are unreadable (truncated or corrupt?): "
+                         f"{type(e).__name__}: {str(e)[:200]}") from None
 
 
 def _tied_names(model: nn.Module) -> set[str]:
@@ -212,8 +236,9 @@ def _tied_names(model: nn.Module) -> set[str]:
     return set()
 
 
-def _check_layer_tensors(tensors: dict, name: str, linear: nn.Linear, bits: int, group_size: int) -> None:
-    spec = QuantSpec(bits, group_size, linear.in_features, linear.out_features)
+def _check_layer_tensors(tensors: dict, name: str, in_features: int, out_features: int, bits: int,
+                         group_size: int) -> None:
+    spec = QuantSpec(bits, group_size, in_features, out_features)
     for key, shape, dtypes in ((f"{name}.qweight", spec.qweight_shape, (torch.int32,)),
                                (f"{name}.qzeros", spec.qzeros_shape, (torch.int32,)),
                                (f"{name}.scales", spec.scales_shape, (torch.float16, torch.bfloat16, torch.float32))):
@@ -222,7 +247,7 @@ def _check_layer_tensors(tensors: dict, name: str, linear: nn.Linear, bits: int,
         t = tensors[key]
         if tuple(t.shape) != shape or t.dtype not in dtypes:
             raise ValueError(f"{key} is {t.dtype} {tuple(t.shape)}, but bits={bits}, group_size={group_size} "
-                             f"and the layer's {linear.in_features}->{linear.out_features} need {shape}")
+                             f"and the layer's {in_features}->{out_features} need {shape}")
     if not torch.isfinite(tensors[f"{name}.scales"]).all():
         raise ValueError(f"{name}.scales has NaN/Inf values")
 

@@ -202,8 +202,22 @@ def _load(checkpoint: str | None, model: str | None, dtype: str = "float32"):
     return lm.to(torch_dtype), tok
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint in another format (gguf: for llama.cpp, Ollama, LM Studio)")
+    p.add_argument("checkpoint", help="eqat/GPTQ-v2 folder")
+    p.add_argument("--format", choices=["gguf"], default="gguf")
+    p.add_argument("--out", required=True, help="output file (FILE.gguf)")
+
+
+def _export(args) -> dict:
+    from .gguf_export import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.out)
+    return {"out": str(path), "size_mb": round(path.stat().st_size / 2**20, 2)}
+
+
 COMMANDS = {"quantize": (_add_quantize, _quantize), "e2e": (_add_e2e, _e2e), "eval": (_add_eval, _eval), "generate": (_add_generate, _generate),
-            "chat": (_add_chat, _chat)}
+            "chat": (_add_chat, _chat), "export": (_add_export, _export)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -125,3 +125,43 @@ def split_windows(windows: torch.Tensor, n_eval: int, n_calib: int, n_val: int =
     order = torch.randperm(rest, generator=torch.Generator().manual_seed(seed)) + n_eval
     return TextWindows(eval=windows[:n_eval], calib=windows[order[:n_calib]],
                        val=windows[order[n_calib:n_calib + n_val]])
+
+
+SELF = "self"  # calibration written by the fp model itself (selfgen.py)
+
+
+def calibration_sources(spec: str | None) -> list[str]:
+    """`self`, a text source, or a mixture `a+b+...` of them."""
+    parts = [p.strip() for p in (spec or DEFAULT_TEXT).split("+")]
+    if not all(parts):
+        raise ValueError(f"calibration source {spec!r} has an empty part")
+    return parts
+
+
+def calibration_split(spec: str | None, model, tokenizer, seq_len: int, n_eval: int, n_calib: int, n_val: int,
+                      seed: int = 0, progress: bool = True) -> TextWindows:
+    """Calibration and validation windows from `spec`, shared evenly between the parts of a mixture.
+    Windows of a text never come from its first `n_eval` (those evaluate); self-generated windows are
+    fresh samples of the fp model."""
+    parts = calibration_sources(spec)
+    calib, val = [], []
+    for j, part in enumerate(parts):
+        c = n_calib // len(parts) + (1 if j < n_calib % len(parts) else 0)
+        v = n_val // len(parts) + (1 if j < n_val % len(parts) else 0)
+        if part == SELF:
+            from .selfgen import SelfGenConfig, generate_calibration
+
+            windows = generate_calibration(model, tokenizer, SelfGenConfig(sequences=c + v, seq_len=seq_len, seed=seed),
+                                           progress=progress)
+            calib.append(windows[:c])
+            val.append(windows[c:])
+        else:
+            split = split_windows(tokenize_windows(tokenizer, load_text(part), seq_len), n_eval, c, v, seed)
+            calib.append(split.calib)
+            val.append(split.val)
+    return TextWindows(eval=torch.empty(0, seq_len, dtype=torch.long), calib=torch.cat(calib), val=torch.cat(val))
+
+
+def overlapping_texts(calibration: str | None, eval_texts: list[str]) -> list[str]:
+    """Evaluation texts that are also calibration sources: numbers on them measure fitting, not fidelity."""
+    return [t for t in eval_texts if t in calibration_sources(calibration)]

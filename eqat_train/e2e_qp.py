@@ -10,20 +10,18 @@ as safetensors + JSON, and a rerun of the same command continues from the last s
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
 from eqat_kernels import QuantLinear
 
-from .blockwise import _atomic_save_tensors, _atomic_write_text
+from . import runstate
 from .examples import Examples, collate
 from .faults import crash_point
 
@@ -113,7 +111,7 @@ class E2ETrainer:
                  fingerprint_extra: dict | None = None):
         self.model, self.examples, self.cfg = model, examples, cfg
         self.state_dir = Path(state_dir) if state_dir is not None else None
-        self.rank, self.world = _dist_rank_world()
+        self.rank, self.world = runstate.rank_world()
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
         if len(examples) < self.global_batch:
             raise ValueError(f"E2E-QP global batch is {self.global_batch} examples but only {len(examples)} were given")
@@ -121,7 +119,7 @@ class E2ETrainer:
         self.optimizer = torch.optim.AdamW(self.scales.values(), lr=cfg.lr, weight_decay=0.0)
         self.step, self.log, self.lr_factor = 0, [], 1.0
         self._set_schedule()
-        self.fingerprint = _fingerprint({**cfg.as_dict(), **(fingerprint_extra or {}), "examples": len(examples),
+        self.fingerprint = runstate.fingerprint({**cfg.as_dict(), **(fingerprint_extra or {}), "examples": len(examples),
                                          "world_batch": self.global_batch})
         self.ddp = None
         if self.world > 1:
@@ -253,38 +251,33 @@ class E2ETrainer:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         snap = self._good if self._good["step"] == self.step else self._snapshot()
-        _atomic_save_tensors({k: v.contiguous() for k, v in snap["tensors"].items()},
+        runstate.atomic_save_tensors({k: v.contiguous() for k, v in snap["tensors"].items()},
                              self.state_dir / "e2e_state.safetensors")
         crash_point("e2e_state.tensors_written")
-        _atomic_write_text(self.state_dir / "e2e_progress.json", json.dumps(
+        runstate.atomic_write_text(self.state_dir / "e2e_progress.json", json.dumps(
             {"fingerprint": self.fingerprint, "step": self.step, "log": self.log, "lr_factor": self.lr_factor},
             indent=1))
 
     def _resume(self) -> None:
         if self.state_dir is None or not (self.state_dir / "e2e_progress.json").exists():
             return
-        progress = json.loads((self.state_dir / "e2e_progress.json").read_text())
-        if progress["fingerprint"] != self.fingerprint:
-            raise ValueError(f"{self.state_dir} holds an E2E-QP run with other settings; use another output "
-                             "folder or delete it to start over")
-        tensors = load_file(self.state_dir / "e2e_state.safetensors")
+        path = self.state_dir / "e2e_progress.json"
+        progress = runstate.read_progress(path, self.fingerprint, {"step": int, "log": list})
+        if not 0 <= progress["step"] <= self.cfg.steps:
+            raise ValueError(f"{path} is at step {progress['step']} of {self.cfg.steps}; delete {self.state_dir} to start over")
+        tensors = runstate.load_tensors(self.state_dir / "e2e_state.safetensors")
+        missing = [f"scale/{name}" for name, p in self.scales.items()
+                   if f"scale/{name}" not in tensors or tensors[f"scale/{name}"].shape != p.shape]
+        if missing:
+            raise ValueError(f"{self.state_dir / 'e2e_state.safetensors'} lacks or misshapes {missing[:3]}; delete "
+                             f"{self.state_dir} to start over")
         self._restore({"tensors": tensors, "step": progress["step"], "log": progress["log"]})
         self.lr_factor = progress.get("lr_factor", 1.0)
         self._set_schedule()
 
 
-def _fingerprint(options: dict) -> str:
-    return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _all_reduce_sum(value: torch.Tensor) -> float:
-    if _dist_rank_world()[1] > 1:
+    if runstate.rank_world()[1] > 1:
         torch.distributed.all_reduce(value)
     return float(value.item())
 

@@ -1,13 +1,14 @@
 """Perplexity over token windows: the quality number every table in the README reports."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from eqat_kernels import QuantLinear
+from eqat_kernels import compute_path
 
 
 @torch.no_grad()
@@ -20,21 +21,13 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, exa
     """
     if windows.numel() == 0:
         raise ValueError("no evaluation windows")
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    saved = [m.backend for m in layers]
-    if exact:
-        for m in layers:
-            m.backend = "reference"
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    try:
+    with compute_path(model, "reference") if exact else contextlib.nullcontext():
         for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress, leave=False):
             ids = windows[start:start + batch_size].to(device)
             logits = model(ids, use_cache=False).logits[:, :-1].float()
             total += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                                  reduction="sum").item()
             count += ids[:, 1:].numel()
-    finally:
-        for m, b in zip(layers, saved):
-            m.backend = b
     return math.exp(total / count)

@@ -119,6 +119,15 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def linear_features(module: nn.Module) -> tuple[int, int, bool] | None:
+    """(in_features, out_features, has_bias) of a linear layer (nn.Linear or GPT-2's transposed Conv1D)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, module.bias is not None
+    if _is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1], module.bias is not None
+    return None
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"  # GPT-2's transposed linear
 

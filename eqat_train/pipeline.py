@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import data, evaluate, models
+from . import data, evaluate, models, runstate
 from .baselines import make_gptq, make_rtn
 from .block_ap import BlockAPConfig, make_block_ap
 from .blockwise import BlockwiseRun
@@ -95,8 +96,9 @@ def quantize(opts: QuantizeOptions, progress: bool = True) -> dict:
     state_dir = out.with_name(out.name + ".partial")
     _refuse_foreign_output(out, state_dir)
     model, tokenizer, source = models.load_model(opts.model)
-    windows = data.tokenize_windows(tokenizer, data.load_text(opts.text), opts.seq_len)
-    split = data.split_windows(windows, opts.eval_windows, opts.calib_windows, opts.val_windows, opts.seed)
+    warn_overlap(opts.text, opts.eval_texts)
+    split = data.calibration_split(opts.text, model, tokenizer, opts.seq_len, opts.eval_windows, opts.calib_windows,
+                                   opts.val_windows, opts.seed, progress)
     if opts.method == "block_ap":
         cfg = BlockAPConfig(bits=opts.bits, group_size=opts.group_size, epochs=opts.epochs, lr_scale=opts.lr_scale,
                             lr_scale_quant=opts.lr_scale_quant,
@@ -157,7 +159,6 @@ def e2e(checkpoint: str, out: str, opts: E2EOptions, text: str | None = None, se
         calib_windows: int = 128, eval_windows: int = 40, eval_texts: list[str] | None = None, bf16: bool = True,
         seed: int = 0, progress: bool = True) -> dict:
     """`eqat e2e`: train the scales of a packed checkpoint further (single process or under torchrun)."""
-    import torch.distributed as dist
 
     t0 = time.time()
     out_path = Path(out)
@@ -173,7 +174,7 @@ def e2e(checkpoint: str, out: str, opts: E2EOptions, text: str | None = None, se
     source = {"checkpoint": str(checkpoint), "text": text or data.DEFAULT_TEXT, "calib_windows": calib_windows,
               "seq_len": seq_len}
     log = E2ETrainer(model, opts.examples(tokenizer, split.calib, seq_len), cfg, state_dir, source).train(progress)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    rank, _ = runstate.rank_world()
     results = {"out": str(out_path), "e2e": log, "quantize_seconds": round(time.time() - t0, 1),
                "trainable_params": trainable_counts(model, "e2e_qp")}
     if rank == 0:
@@ -200,6 +201,14 @@ def evaluate_texts(model, tokenizer, texts: list[str], seq_len: int, n_windows: 
             continue
         ppl[text] = round(evaluate.perplexity(model, windows, progress=progress), 3)
     return ppl
+
+
+def warn_overlap(calibration: str | None, eval_texts: list[str]) -> None:
+    overlap = data.overlapping_texts(calibration, eval_texts)
+    if overlap:
+        print(f"WARNING: evaluation text(s) {overlap} are also calibration sources ({calibration or data.DEFAULT_TEXT}): "
+              "their numbers measure how well the model fits that text, not how well it is kept; report "
+              "fidelity on texts that were not calibrated on", file=sys.stderr)
 
 
 def _refuse_foreign_output(out: Path, state_dir: Path) -> None:

@@ -38,7 +38,7 @@ def test_foreign_gptq_folder_loads_and_matches_its_codes(fp_model, tmp_path, bit
     assert layers.keys() == dense.keys()
     for name, layer in layers.items():
         torch.testing.assert_close(layer.dequantize(torch.float64), dense[name], rtol=0, atol=1e-12)
-        assert (layer._input_perm() is not None) == (act_order and layer.in_features > group)
+        assert (layer.input_permutation() is not None) == (act_order and layer.in_features > group)
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for name, w in dense.items():

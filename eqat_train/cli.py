@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -129,19 +130,36 @@ class _distributed:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity of a quantized checkpoint or of the fp model")
-    p.add_argument("checkpoint", nargs="?", help="eqat/GPTQ-v2 folder; omit with --model for the fp model")
-    p.add_argument("--model", help="fp model (folder, .gguf or Hub id; default: embedded SmolLM2)")
-    p.add_argument("--texts", nargs="+", default=["stdlib"], help="stdlib, fortunes, a .txt/.jsonl file or hf:NAME")
+    p = sub.add_parser("eval", help="fidelity of a quantized checkpoint to its fp model (or perplexity of an fp model)")
+    p.add_argument("checkpoint", nargs="?", help="eqat/GPTQ-v2 folder; omit with --model for the fp model alone")
+    p.add_argument("--model", help="fp model to compare with (default: the source recorded in the checkpoint; "
+                                   "folder, .gguf or Hub id)")
+    p.add_argument("--texts", nargs="+", default=["stdlib", "fortunes", "code"],
+                   help="stdlib, fortunes, code, a .txt/.jsonl file or hf:NAME")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=40)
 
 
 def _eval(args) -> dict:
+    from . import fidelity
     from .pipeline import evaluate_texts
 
-    model, tokenizer = _load(args.checkpoint, args.model)
-    return {"perplexity": evaluate_texts(model, tokenizer, args.texts, args.seq_len, args.windows)}
+    if not args.checkpoint:
+        model, tokenizer = _load(None, args.model)
+        return {"perplexity": evaluate_texts(model, tokenizer, args.texts, args.seq_len, args.windows)}
+    from .checkpoint import load_quantized, read_quantization_config
+    from .models import load_model
+
+    q = read_quantization_config(Path(args.checkpoint))
+    model, tokenizer = load_quantized(args.checkpoint, dtype=torch.float32)
+    fp_name = args.model or q.get("eqat", {}).get("model")
+    if not fp_name:
+        raise ValueError(f"{args.checkpoint} does not record its source model; pass the fp model with --model")
+    fp_model, _, _ = load_model(fp_name)
+    calibration = q.get("eqat", {}).get("text")
+    rep = fidelity.report(model, fp_model, tokenizer, args.texts, args.seq_len, args.windows, calibration=calibration)
+    print(fidelity.format_table(rep), file=sys.stderr)
+    return {"fidelity": rep}
 
 
 def _add_generate(sub) -> None:

@@ -36,18 +36,45 @@ def fortunes_text(directory: Path = FORTUNES_DIR) -> str:
     return "\n\n".join(parts)
 
 
+CODE_MODULES = ("argparse", "dataclasses", "functools", "heapq", "shutil", "textwrap", "fractions", "statistics",
+                "difflib", "calendar")  # pure-Python standard library modules: a source-code genre
+LICENSES_DIR = Path("/usr/share/common-licenses")
+
+
+def code_text() -> str:
+    """Source code of pure-Python standard library modules (always there with CPython)."""
+    import importlib
+    import inspect
+
+    return "\n\n".join(inspect.getsource(importlib.import_module(name)) for name in CODE_MODULES)
+
+
+def licenses_text(directory: Path = LICENSES_DIR) -> str:
+    """Software licences (Debian's base-files): legal prose, the held-out text for choosing settings."""
+    files = sorted(p for p in directory.glob("*") if p.is_file()) if directory.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"{directory} has no licence texts (a Debian/Ubuntu base system has them)")
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+
+
+NAMED_TEXTS = {"stdlib": stdlib_text, "fortunes": fortunes_text, "code": code_text, "licenses": licenses_text}
+
+
 def load_text(source: str | None = None) -> str:
-    """`None`/"stdlib": the default text; "fortunes": the second-genre text; a `.txt` file; a `.jsonl`
+    """`None`/"stdlib": the Python docs; "fortunes": quotations; "code": stdlib source; "licenses": licence
+    texts (held out for choosing settings); a `.txt` file; a `.jsonl`
     file (its "text" field, or prompt + response); or `hf:NAME[:CONFIG][:SPLIT]` for a `datasets` dataset."""
-    if source in (None, DEFAULT_TEXT):
-        return _non_empty(stdlib_text(), "the stdlib text")
-    if source == "fortunes":
-        return _non_empty(fortunes_text(), "the fortunes text")
+    if source is None:
+        source = DEFAULT_TEXT
+    if source in NAMED_TEXTS:
+        return _non_empty(NAMED_TEXTS[source](), f"the {source} text")
+    if source == "self":
+        raise ValueError("'self' (self-generated calibration) is a calibration source, not a text to evaluate on")
     if source.startswith("hf:"):
         return _non_empty(_dataset_text(source[3:]), source)
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"text source {source!r} is neither a known name (stdlib, fortunes), "
+        raise FileNotFoundError(f"text source {source!r} is neither a known name ({', '.join(NAMED_TEXTS)}), "
                                 "an hf:dataset, nor an existing file")
     if path.suffix == ".jsonl":
         return _non_empty(_jsonl_text(path), str(path))

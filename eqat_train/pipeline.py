@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import data, evaluate, models, runstate
+from . import data, evaluate, fidelity, models, runstate
 from .baselines import make_gptq, make_rtn
 from .block_ap import BlockAPConfig, make_block_ap
 from .blockwise import BlockwiseRun
@@ -67,6 +67,7 @@ class QuantizeOptions:
     batch_size: int = 2
     offload: bool = False
     seed: int = 0
+    fidelity: bool = True  # compare with the fp model at the end (KL, top-1, greedy and chat agreement)
     e2e: E2EOptions | None = field(default_factory=E2EOptions)  # None skips E2E-QP
 
     def __post_init__(self):
@@ -135,6 +136,13 @@ def quantize(opts: QuantizeOptions, progress: bool = True) -> dict:
                "blocks": log, "e2e": e2e_log}
     results["perplexity"] = evaluate_texts(model, tokenizer, opts.eval_texts, opts.seq_len, opts.eval_windows,
                                            progress=progress)
+    if opts.fidelity and opts.eval_texts:
+        fp_model, _, _ = models.load_model(opts.model)
+        results["fidelity"] = fidelity.report(model, fp_model, tokenizer, opts.eval_texts, opts.seq_len,
+                                              opts.eval_windows, calibration=opts.text, progress=progress)
+        del fp_model
+        if progress:
+            print(fidelity.format_table(results["fidelity"]), file=sys.stderr)
     results["peak_rss_mb"] = round(peak_rss_mb(), 1)
     results["total_seconds"] = round(time.time() - t0, 1)
     (out / "eqat_results.json").write_text(json.dumps(results, indent=1))

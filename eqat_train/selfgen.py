@@ -1,0 +1,178 @@
+"""Self-generated calibration data (data-free, as in LLM-QAT, arXiv 2305.17888): the fp model writes the
+text it is calibrated on, so quantization preserves the model's own distribution rather than fitting
+one narrow genre.
+
+Plain samples start from a random vocabulary token, take the first `greedy_prefix` tokens greedily
+(so they start coherently), then sample with top-k and temperature to `seq_len` tokens. Chat models
+also get conversations: the model writes a user turn after the template's user header, then answers
+it through the template, so chat behaviour (including ending a turn) is calibrated too. Sampling runs
+in bf16 with the KV cache, batch by batch; every finished batch is saved (atomically) in a cache
+folder keyed by the model's fingerprint and the settings, so a killed run resumes and later runs reuse
+the whole set.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import runstate
+
+CACHE_ENV = "EQAT_CACHE"
+
+
+@dataclass(frozen=True)
+class SelfGenConfig:
+    sequences: int = 132  # 128 calibration + 4 validation windows
+    seq_len: int = 512
+    chat_fraction: float = 0.5  # share of windows cut from conversations (chat models only)
+    greedy_prefix: int = 3
+    top_k: int = 50
+    temperature: float = 1.0
+    user_tokens: int = 48  # longest user turn the model writes
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.sequences < 1 or self.seq_len < 8 or self.batch_size < 1:
+            raise ValueError("self-generation needs sequences >= 1, seq_len >= 8 and batch_size >= 1")
+        if not 0 <= self.chat_fraction <= 1:
+            raise ValueError(f"chat_fraction must be in [0, 1], got {self.chat_fraction}")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "eqat")) / "selfgen"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """Hash of the config and every parameter's bytes: another model (or other weights) gets another cache."""
+    h = hashlib.sha256(json.dumps(model.config.to_diff_dict(), sort_keys=True, default=str).encode())
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _plain_batch(model, tokenizer, cfg: SelfGenConfig, rows: int, generator: torch.Generator) -> torch.Tensor:
+    special = set(tokenizer.all_special_ids)
+    vocab = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    start = vocab[torch.randint(len(vocab), (rows, 1), generator=generator)]
+    ids = model.generate(start, attention_mask=torch.ones_like(start), max_new_tokens=cfg.greedy_prefix,
+                         min_new_tokens=cfg.greedy_prefix, do_sample=False, pad_token_id=0)
+    rest = cfg.seq_len - ids.shape[1]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=rest, min_new_tokens=rest,
+                         do_sample=True, top_k=cfg.top_k, temperature=cfg.temperature, pad_token_id=0)
+    return out[:, :cfg.seq_len]
+
+
+def _user_header(tokenizer) -> list[int]:
+    """Template tokens up to where a user's words begin (system prompt included, as the template has it)."""
+    marker = "\u2063EQAT\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    return tokenizer(text[:text.index(marker)], add_special_tokens=False).input_ids
+
+
+def _conversations(model, tokenizer, cfg: SelfGenConfig, rows: int) -> list[int]:
+    """`rows` conversations (user turn and answer both by the model), as one token stream."""
+    header = torch.tensor([_user_header(tokenizer)] * rows)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    asked = model.generate(header, attention_mask=torch.ones_like(header), max_new_tokens=cfg.user_tokens,
+                           do_sample=True, top_k=cfg.top_k, temperature=cfg.temperature, pad_token_id=pad)
+    questions = [tokenizer.decode(_until(row[header.shape[1]:].tolist(), eos), skip_special_tokens=True).strip()
+                 for row in asked]
+    prompts = [_render(tokenizer, q or "Hello!") for q in questions]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left-padded
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    answers = model.generate(ids, attention_mask=mask, max_new_tokens=cfg.seq_len - cfg.user_tokens,
+                             do_sample=True, top_k=cfg.top_k, temperature=cfg.temperature, pad_token_id=pad)
+    stream: list[int] = []
+    for p, row in zip(prompts, answers):
+        stream += p + _until(row[width:].tolist(), eos, keep_end=True) + tokenizer("\n", add_special_tokens=False).input_ids
+    return stream
+
+
+def _render(tokenizer, question: str) -> list[int]:
+    out = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def _until(tokens: list[int], eos: int, keep_end: bool = False) -> list[int]:
+    return tokens[:tokens.index(eos) + int(keep_end)] if eos in tokens else tokens
+
+
+@torch.no_grad()
+def generate_calibration(model: nn.Module, tokenizer, cfg: SelfGenConfig = SelfGenConfig(),
+                         cache_dir: Path | None = None, progress: bool = True) -> torch.Tensor:
+    """`[cfg.sequences, cfg.seq_len]` token windows written by `model`, cached and resumable."""
+    fp = model_fingerprint(model)
+    key = runstate.fingerprint({"model": fp, **asdict(cfg)})
+    folder = (cache_dir or cache_root()) / key
+    final = folder / "windows.safetensors"
+    if final.exists():
+        meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
+        if meta.get("model") != fp:
+            raise ValueError(f"{folder} holds calibration data of another model; delete it or set {CACHE_ENV}")
+        windows = runstate.load_tensors(final)["windows"]
+        if tuple(windows.shape) != (cfg.sequences, cfg.seq_len):
+            raise ValueError(f"{final} holds {tuple(windows.shape)} windows, expected {(cfg.sequences, cfg.seq_len)}")
+        return windows
+    folder.mkdir(parents=True, exist_ok=True)
+    runstate.atomic_write_text(folder / "meta.json", json.dumps({"model": fp, "settings": asdict(cfg)}, indent=1))
+    chat = cfg.chat_fraction if getattr(tokenizer, "chat_template", None) else 0.0
+    n_chat = round(cfg.sequences * chat)
+    plan = _plan(cfg.sequences - n_chat, n_chat, cfg)
+    lm = copy.deepcopy(model).to(torch.bfloat16)  # sampling in bf16: ~2x fp32 on CPU; the windows are token ids
+    parts = []
+    bar = tqdm(total=cfg.sequences, desc="self-generating calibration data", disable=not progress)
+    try:
+        for i, (kind, rows) in enumerate(plan):
+            part = folder / f"part_{i:04d}.safetensors"
+            if part.exists():
+                windows = runstate.load_tensors(part)["windows"]
+            else:
+                torch.manual_seed(cfg.seed * 100_003 + i)  # per batch: a resumed run samples the same
+                g = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
+                if kind == "plain":
+                    windows = _plain_batch(lm, tokenizer, cfg, rows, g)
+                else:
+                    windows = _chat_windows(lm, tokenizer, cfg, rows)
+                runstate.atomic_save_tensors({"windows": windows.contiguous()}, part)
+            parts.append(windows)
+            bar.update(windows.shape[0])
+    finally:
+        bar.close()
+        del lm
+    windows = torch.cat(parts)
+    runstate.atomic_save_tensors({"windows": windows.contiguous()}, final)
+    for part in folder.glob("part_*.safetensors"):
+        part.unlink()
+    return windows
+
+
+def _chat_windows(model, tokenizer, cfg: SelfGenConfig, rows: int) -> torch.Tensor:
+    """`rows` windows of `seq_len` tokens cut from as many conversations as it takes."""
+    stream: list[int] = []
+    while len(stream) < rows * cfg.seq_len:
+        stream += _conversations(model, tokenizer, cfg, cfg.batch_size)
+    return torch.tensor(stream[:rows * cfg.seq_len]).reshape(rows, cfg.seq_len)
+
+
+def _plan(n_plain: int, n_chat: int, cfg: SelfGenConfig) -> list[tuple[str, int]]:
+    """Batches in a fixed order, interleaving plain and chat so a partial cache already mixes both."""
+    plain = [("plain", min(cfg.batch_size, n_plain - i)) for i in range(0, n_plain, cfg.batch_size)]
+    per_chat = max(1, cfg.batch_size // 2)  # a batch of conversations fills about half as many windows
+    chat = [("chat", min(per_chat, n_chat - i)) for i in range(0, n_chat, per_chat)]
+    plan = []
+    for i in range(max(len(plain), len(chat))):
+        plan += plain[i:i + 1] + chat[i:i + 1]
+    return plan

@@ -1,0 +1,104 @@
+"""Fidelity metrics and self-generated calibration data on a tiny model."""
+import copy
+import json
+
+import pytest
+import torch
+
+from eqat_train import data, fidelity, models
+from eqat_train.checkpoint import load_quantized
+from eqat_train.selfgen import SelfGenConfig, generate_calibration
+
+CHATML = ("{% for m in messages %}<eos>{{ m['role'] }}\n{{ m['content'] }}<eos>\n{% endfor %}"
+          "{% if add_generation_prompt %}<eos>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model, tok, _ = models.load_model(str(tiny_model_dir))
+    return model, tok
+
+
+def test_a_model_compared_with_itself_has_zero_kl_and_full_agreement(tiny):
+    model, tok = tiny
+    windows = torch.randint(0, len(tok), (3, 24), generator=torch.Generator().manual_seed(0))
+    r = fidelity.compare_on_windows(model, copy.deepcopy(model), windows, progress=False)
+    assert r.kl == pytest.approx(0.0, abs=1e-6) and r.top1 == 1.0 and r.ppl_ratio == pytest.approx(1.0)
+    prompts = [windows[i, :8] for i in range(3)]
+    fp_tokens = fidelity.greedy_tokens(model, prompts, 6)
+    assert fidelity.greedy_agreement(model, fp_tokens, prompts) == 6
+
+
+def test_kl_is_the_full_vocabulary_divergence():
+    """token_kl against an independent fp64 sum over the vocabulary."""
+    g = torch.Generator().manual_seed(1)
+    p, q = torch.randn(5, 11, generator=g), torch.randn(5, 11, generator=g)
+    pp, qq = p.double().softmax(-1), q.double().softmax(-1)
+    expected = (pp * (pp / qq).log()).sum(-1)
+    assert torch.allclose(fidelity.token_kl(p, q).double(), expected, atol=1e-5)
+    assert (fidelity.token_kl(p, p).abs() < 1e-6).all()
+
+
+def test_quantized_model_report(tiny_packed_dir, tiny):
+    fp, tok = tiny
+    model, _ = load_quantized(tiny_packed_dir, dtype=torch.float32)
+    rep = fidelity.report(model, fp, tok, ["stdlib"], 32, 3, calibration="stdlib", progress=False)
+    row = rep["texts"]["stdlib"]
+    assert row["kl"] > 0 and 0 <= row["top1"] <= 1 and row["calibrated_on"] is True
+    assert 0 <= rep["greedy_agreement"] <= rep["greedy_tokens"] and len(rep["chat"]) == len(fidelity.CHAT_QUESTIONS)
+    assert "(calibrated on)" in fidelity.format_table(rep)
+
+
+def test_evaluation_and_calibration_overlap_is_named(tiny_model_dir, tmp_path, capsys):
+    assert data.overlapping_texts("self+stdlib", ["stdlib", "fortunes", "code"]) == ["stdlib"]
+    assert data.overlapping_texts("self", ["stdlib", "code"]) == []
+    from eqat_train.pipeline import QuantizeOptions, quantize
+
+    quantize(QuantizeOptions(model=str(tiny_model_dir), out=str(tmp_path / "o"), method="rtn", bits=4, group_size=32,
+                             seq_len=32, calib_windows=2, val_windows=0, eval_windows=2, eval_texts=["stdlib"],
+                             fidelity=False, e2e=None), progress=False)
+    assert "WARNING: evaluation text(s) ['stdlib'] are also calibration sources" in capsys.readouterr().err
+
+
+def test_self_generated_calibration_is_cached_resumable_and_tied_to_its_model(tiny, tmp_path, monkeypatch):
+    from eqat_train import selfgen
+
+    model, tok = tiny
+    tok = copy.deepcopy(tok)
+    tok.chat_template = CHATML
+    cfg = SelfGenConfig(sequences=5, seq_len=16, batch_size=2, user_tokens=6, chat_fraction=0.4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real_plain = selfgen._plain_batch
+    calls = []
+
+    def killed_after_one(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # a kill after the first batch was saved
+        calls.append(1)
+        return real_plain(*args, **kwargs)
+
+    monkeypatch.setattr(selfgen, "_plain_batch", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        generate_calibration(model, tok, cfg, cache_dir=tmp_path / "a", progress=False)
+    monkeypatch.setattr(selfgen, "_plain_batch", real_plain)
+    resumed = generate_calibration(model, tok, cfg, cache_dir=tmp_path / "a", progress=False)
+    fresh = generate_calibration(model, tok, cfg, cache_dir=tmp_path / "b", progress=False)
+    assert resumed.shape == (5, 16) and torch.equal(resumed, fresh)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the fp model is untouched
+    header = selfgen._user_header(tok)
+    stream = fresh.flatten().tolist()
+    assert any(stream[i:i + len(header)] == header for i in range(len(stream)))  # conversations are in there
+    folder = next((tmp_path / "a").iterdir())
+    assert not list(folder.glob("*.tmp")) and not list(folder.glob("part_*"))
+
+    monkeypatch.setattr(selfgen, "_plain_batch", lambda *a, **k: pytest.fail("a cached set is not regenerated"))
+    assert torch.equal(generate_calibration(model, tok, cfg, cache_dir=tmp_path / "a", progress=False), fresh)
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["model"] = "another-model"
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="calibration data of another model"):
+        generate_calibration(model, tok, cfg, cache_dir=tmp_path / "a", progress=False)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.norm.weight.add_(1.0)
+    assert selfgen.model_fingerprint(other) != selfgen.model_fingerprint(model)  # other weights, other cache

@@ -1,7 +1,8 @@
-"""E2E-QP design sweep: start from a finished Block-AP checkpoint, train the scales with each config,
-and report perplexity on the default text's held-out windows and on a second genre (fortunes).
+"""E2E-QP design sweep: start from a finished block-wise checkpoint, train the scales with each config,
+and report fidelity to the fp model (perplexity ratio, KL, top-1) per text. Choose settings on the
+validation text (`licenses` by default), never on a text you report.
 
-    python benchmarks/e2e_sweep.py runs/quality/w2g64-block_ap --configs '[{"lr_scale": 1}, {"lr_scale": 10}]'
+    python benchmarks/e2e_sweep.py runs/w2-bap --configs '[{"lr_scale": 10}, {"lr_scale": 20, "loss": "ce"}]'
 """
 from __future__ import annotations
 
@@ -11,40 +12,46 @@ import time
 
 import torch
 
-from eqat_train import data
-from eqat_train.checkpoint import load_quantized
+from eqat_train import data, fidelity, models
+from eqat_train.checkpoint import load_quantized, read_quantization_config
 from eqat_train.e2e_qp import E2EConfig, E2ETrainer
 from eqat_train.examples import Examples
-from eqat_train.pipeline import evaluate_texts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
-    parser.add_argument("--configs", default='[{"lr_scale": 1}]', help="JSON list of E2EConfig overrides")
+    parser.add_argument("--configs", default='[{}]', help="JSON list of E2EConfig overrides")
+    parser.add_argument("--text", default="self", help="calibration source (self, a text, or a mixture a+b)")
     parser.add_argument("--calib-windows", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=40)
-    parser.add_argument("--texts", nargs="+", default=["stdlib", "fortunes"])
+    parser.add_argument("--texts", nargs="+", default=["licenses"], help="validation texts")
     args = parser.parse_args()
+    from pathlib import Path
+
+    q = read_quantization_config(Path(args.checkpoint))
+    fp, tok, _ = models.load_model(q["eqat"]["model"])
+    split = data.calibration_split(args.text, fp, tok, 512, args.eval_windows, args.calib_windows, 0)
+    windows = {t: data.tokenize_windows(tok, data.load_text(t), 512)[:args.eval_windows] for t in args.texts}
     rows = []
     for overrides in json.loads(args.configs):
-        model, tok = load_quantized(args.checkpoint)
-        bits = model.config.quantization_config["bits"] if hasattr(model.config, "quantization_config") else None
-        bits = bits or json.load(open(f"{args.checkpoint}/config.json"))["quantization_config"]["bits"]
-        split = data.split_windows(data.tokenize_windows(tok, data.stdlib_text(), 512), 40, args.calib_windows, 8)
-        cfg = E2EConfig(bits=bits, **overrides)
+        model, _ = load_quantized(args.checkpoint, dtype=torch.float32)
+        cfg = E2EConfig(bits=q["bits"], **overrides)
+        teacher = models.load_model(q["eqat"]["model"], dtype=torch.bfloat16 if cfg.bf16 else torch.float32)[0]
         torch.manual_seed(0)
         t0 = time.time()
-        log = E2ETrainer(model, Examples.from_windows(split.calib), cfg).train()
+        log = E2ETrainer(model, Examples.from_windows(split.calib), cfg, teacher=teacher).train()
         seconds = time.time() - t0
-        ppl = evaluate_texts(model, tok, args.texts, 512, args.eval_windows, progress=False)
-        rows.append({"config": overrides, "seconds": round(seconds), "first_loss": round(log[0]["loss"], 4),
-                     "last_loss": round(sum(r["loss"] for r in log[-4:]) / min(4, len(log)), 4), **ppl})
+        row = {"config": overrides, "seconds": round(seconds), "first_loss": round(log[0]["loss"], 4),
+               "last_loss": round(sum(r["loss"] for r in log[-4:]) / min(4, len(log)), 4)}
+        for t, w in windows.items():
+            row[t] = fidelity.compare_on_windows(model, fp, w, progress=False).as_dict()
+        rows.append(row)
         print(json.dumps(rows[-1]), flush=True)
-    print("| config | s | loss first -> last4 | " + " | ".join(args.texts) + " |")
+    print("| config | s | loss first -> last4 | " + " | ".join(f"{t} ratio / KL / top-1" for t in args.texts) + " |")
     for r in rows:
         print(f"| {json.dumps(r['config'])} | {r['seconds']} | {r['first_loss']} -> {r['last_loss']} | "
-              + " | ".join(str(r.get(t)) for t in args.texts) + " |")
+              + " | ".join(f"{r[t]['ppl_ratio']:.3f} / {r[t]['kl']:.4f} / {r[t]['top1']:.3f}" for t in args.texts) + " |")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ def _add_e2e_options(p, prefix: str) -> None:
                    help="instruction-tuning JSONL ({prompt, response} or {messages}); loss on responses only")
     p.add_argument(f"--{prefix}gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument(f"--{prefix}save-every", type=int, default=d.save_every, help="steps between resumable saves")
+    p.add_argument(f"--{prefix}loss", choices=["kl", "ce"], default=d.loss,
+                   help="kl: distil from the fp model, KL(fp || quantized) over the vocabulary at every position "
+                        "(default); ce: next-token cross-entropy on the calibration text")
 
 
 def _e2e_options(args, prefix: str):
@@ -61,7 +64,8 @@ def _e2e_options(args, prefix: str):
     get = lambda name: getattr(args, prefix + name)  # noqa: E731
     return E2EOptions(steps=get("steps"), batch_size=get("batch_size"), grad_accum=get("grad_accum"),
                       lr_scale=get("lr_scale"), instruct=get("instruct"),
-                      gradient_checkpointing=get("gradient_checkpointing"), save_every=get("save_every"))
+                      gradient_checkpointing=get("gradient_checkpointing"), save_every=get("save_every"),
+                      loss=get("loss"))
 
 
 def _quantize(args) -> dict:
@@ -94,6 +98,7 @@ def _add_e2e(sub) -> None:
     p.add_argument("--eval-texts", nargs="*", default=["stdlib", "fortunes"])
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher", help="fp model the KL loss distils from (default: the source the checkpoint records)")
     _add_e2e_options(p, prefix="")
 
 
@@ -103,7 +108,7 @@ def _e2e(args) -> dict:
     with _distributed():
         return e2e(args.checkpoint, args.out, _e2e_options(args, ""), text=args.text, seq_len=args.seq_len,
                    calib_windows=args.calib_windows, eval_windows=args.eval_windows, eval_texts=args.eval_texts,
-                   bf16=not args.no_bf16, seed=args.seed)
+                   bf16=not args.no_bf16, seed=args.seed, teacher=args.teacher)
 
 
 class _distributed:
@@ -150,8 +155,8 @@ def _eval(args) -> dict:
     from .checkpoint import load_quantized, read_quantization_config
     from .models import load_model
 
-    q = read_quantization_config(Path(args.checkpoint))
     model, tokenizer = load_quantized(args.checkpoint, dtype=torch.float32)
+    q = read_quantization_config(Path(args.checkpoint))
     fp_name = args.model or q.get("eqat", {}).get("model")
     if not fp_name:
         raise ValueError(f"{args.checkpoint} does not record its source model; pass the fp model with --model")

@@ -23,6 +23,7 @@ from eqat_kernels import QuantLinear
 
 from . import runstate
 from .examples import Examples, collate
+from .fidelity import token_kl
 from .faults import crash_point
 
 LR_RETRY_FACTOR = 0.1
@@ -31,6 +32,7 @@ LR_RETRY_FACTOR = 0.1
 # second genre: w2g64 x20 of {20, 50, 100, 200} from today's Block-AP start (x200 had been best from the
 # weaker min-max start, and now overfits the calibration text); w3g128 x50 of {20, 50, 100}; w4g128 x20
 # of {20, 50} (x50 fits the calibration text further while the other genre got worse).
+LOSSES = ("kl", "ce")
 DEFAULT_LR_SCALE = {2: 20.0, 3: 50.0, 4: 20.0, 8: 20.0}
 
 
@@ -51,8 +53,11 @@ class E2EConfig:
     gradient_checkpointing: bool = False
     save_every: int = 16
     seed: int = 0
+    loss: str = "kl"  # "kl": distil from the fp model, KL(fp || quantized) at every position; "ce": next-token
 
     def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"E2E-QP loss must be one of {LOSSES}, got {self.loss!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("E2E-QP needs steps, batch_size and grad_accum >= 1")
         if self.lr_scale is None:
@@ -104,18 +109,38 @@ def token_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     return loss, int((labels != -100).sum())
 
 
+def kl_loss_sum(model: nn.Module, teacher: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed KL(teacher || model) over the full vocabulary at every position whose label is trained
+    (all of a text window; the assistant tokens of instruction data), and the number of positions."""
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    logits = model(**kwargs).logits[:, :-1]
+    with torch.no_grad():
+        target = teacher(**kwargs).logits[:, :-1]
+    mask = batch["labels"][:, 1:] != -100
+    kl = token_kl(target, logits)
+    return (kl * mask).sum(), int(mask.sum())
+
+
 class E2ETrainer:
     """Owns the model, optimizer, schedule and step state of one E2E-QP run."""
 
     def __init__(self, model: nn.Module, examples: Examples, cfg: E2EConfig, state_dir: Path | None = None,
-                 fingerprint_extra: dict | None = None):
-        self.model, self.examples, self.cfg = model, examples, cfg
+                 fingerprint_extra: dict | None = None, teacher: nn.Module | None = None):
+        """`teacher`: the fp model, required by the default KL loss."""
+        self.model, self.examples, self.cfg, self.teacher = model, examples, cfg, teacher
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.rank, self.world = runstate.rank_world()
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
         if len(examples) < self.global_batch:
             raise ValueError(f"E2E-QP global batch is {self.global_batch} examples but only {len(examples)} were given")
         self.scales = trainable_scales(model)
+        if cfg.loss == "kl":
+            if teacher is None:
+                raise ValueError("E2E-QP's default loss distils from the fp model: pass the teacher model "
+                                 "(or choose loss='ce', next-token cross-entropy)")
+            teacher.eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.scales.values(), lr=cfg.lr, weight_decay=0.0)
         self.step, self.log, self.lr_factor = 0, [], 1.0
         self._set_schedule()
@@ -209,7 +234,8 @@ class E2ETrainer:
             no_sync = model.no_sync() if self.ddp is not None and j < len(micro) - 1 else contextlib.nullcontext()
             with no_sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                    loss_sum, _ = token_loss_sum(model, batch)
+                    loss_sum, _ = (kl_loss_sum(model, self.teacher, batch) if self.cfg.loss == "kl"
+                                   else token_loss_sum(model, batch))
                 (loss_sum / denom).backward()
             total += loss_sum.detach()  # summed on the device: one host sync per step, not per micro-batch
         mean = _all_reduce_sum(total) / (denom * self.world)

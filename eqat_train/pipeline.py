@@ -33,11 +33,19 @@ class E2EOptions:
     instruct: str | None = None
     gradient_checkpointing: bool = False
     save_every: int = 8
+    loss: str = "kl"  # "kl": distil from the fp model; "ce": next-token cross-entropy
 
     def config(self, bits: int, bf16: bool, seed: int) -> E2EConfig:
         return E2EConfig(bits=bits, steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
                          lr_scale=self.lr_scale, bf16=bf16, gradient_checkpointing=self.gradient_checkpointing,
-                         save_every=self.save_every, seed=seed)
+                         save_every=self.save_every, seed=seed, loss=self.loss)
+
+    def teacher(self, model_name: str | None, bf16: bool):
+        """The fp model the KL loss distils from (bf16 weights when training under bf16 autocast anyway)."""
+        if self.loss != "kl":
+            return None
+        teacher, _, _ = models.load_model(model_name, dtype=torch.bfloat16 if bf16 else torch.float32)
+        return teacher
 
     def examples(self, tokenizer, calib, seq_len: int) -> Examples:
         if self.instruct:
@@ -123,7 +131,9 @@ def quantize(opts: QuantizeOptions, progress: bool = True) -> dict:
         t1 = time.time()
         cfg = opts.e2e.config(opts.bits, opts.bf16, opts.seed)
         examples = opts.e2e.examples(tokenizer, split.calib, opts.seq_len)
-        e2e_log = E2ETrainer(model, examples, cfg, state_dir, {"stage1": run_options}).train(progress)
+        teacher = opts.e2e.teacher(opts.model, opts.bf16)
+        e2e_log = E2ETrainer(model, examples, cfg, state_dir, {"stage1": run_options}, teacher=teacher).train(progress)
+        del teacher
         run_options = {**run_options, "e2e_qp": {**cfg.as_dict(), "instruct": opts.e2e.instruct}}
         stages.append("e2e_qp")
         stage_seconds["e2e_qp"] = round(time.time() - t1, 1)
@@ -165,7 +175,7 @@ def trainable_counts(model, method: str) -> dict:
 
 def e2e(checkpoint: str, out: str, opts: E2EOptions, text: str | None = None, seq_len: int = 512,
         calib_windows: int = 128, eval_windows: int = 40, eval_texts: list[str] | None = None, bf16: bool = True,
-        seed: int = 0, progress: bool = True) -> dict:
+        seed: int = 0, progress: bool = True, teacher: str | None = None) -> dict:
     """`eqat e2e`: train the scales of a packed checkpoint further (single process or under torchrun)."""
 
     t0 = time.time()
@@ -181,7 +191,11 @@ def e2e(checkpoint: str, out: str, opts: E2EOptions, text: str | None = None, se
     cfg = opts.config(q["bits"], bf16, seed)
     source = {"checkpoint": str(checkpoint), "text": text or data.DEFAULT_TEXT, "calib_windows": calib_windows,
               "seq_len": seq_len}
-    log = E2ETrainer(model, opts.examples(tokenizer, split.calib, seq_len), cfg, state_dir, source).train(progress)
+    fp_name = teacher or q.get("eqat", {}).get("model")
+    if opts.loss == "kl" and not fp_name:
+        raise ValueError(f"{checkpoint} does not record its source model; pass the fp teacher (--teacher) or use --loss ce")
+    log = E2ETrainer(model, opts.examples(tokenizer, split.calib, seq_len), cfg, state_dir, source,
+                     teacher=opts.teacher(fp_name, bf16)).train(progress)
     rank, _ = runstate.rank_world()
     results = {"out": str(out_path), "e2e": log, "quantize_seconds": round(time.time() - t0, 1),
                "trainable_params": trainable_counts(model, "e2e_qp")}

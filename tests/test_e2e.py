@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from eqat_kernels import QuantLinear
 from eqat_train import data, evaluate
 from eqat_train.checkpoint import load_quantized
-from eqat_train.e2e_qp import E2EConfig, E2ETrainer, token_loss_sum
+from eqat_train.e2e_qp import E2EConfig, E2ETrainer, kl_loss_sum, token_loss_sum
 from eqat_train.examples import IGNORE, Examples, collate
 from eqat_train.pipeline import E2EOptions, e2e
 
@@ -30,7 +30,7 @@ def test_e2e_trains_only_scales_and_lowers_held_out_loss(tiny_packed_dir):
     held_out, train = _windows(tok)
     before = {n: t.clone() for n, t in model.state_dict().items()}
     ppl0 = evaluate.perplexity(model, held_out, progress=False)
-    log = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=24, lr=2e-3, bf16=False)).train(False)
+    log = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=24, lr=2e-3, bf16=False, loss="ce")).train(False)
     ppl1 = evaluate.perplexity(model, held_out, progress=False)
     after = model.state_dict()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -46,7 +46,7 @@ def test_scale_gradients_match_a_dense_dequantized_model(tiny_packed_dir):
     model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
     _, train = _windows(tok)
     batch = collate(Examples.from_windows(train), [0, 1])
-    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=1, bf16=False))
+    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=1, bf16=False, loss="ce"))
     loss, _ = token_loss_sum(model, batch)
     loss.backward()
     fused = {n: p.grad.clone() for n, p in trainer.scales.items()}
@@ -66,11 +66,49 @@ def test_scale_gradients_match_a_dense_dequantized_model(tiny_packed_dir):
         torch.testing.assert_close(fused[name], s.grad, rtol=1e-3, atol=1e-6 * s.grad.abs().max().item())
 
 
+def test_kl_distillation_gradients_match_autograd_through_a_dense_model(tiny_packed_dir, tiny_model_dir):
+    """The default loss, KL(fp || quantized) over the vocabulary at every position: its scale gradients
+    through the fused Function equal autograd through a dense W_hat = (q - z) * s, and the fp teacher
+    gives it zero loss when compared with itself."""
+    from eqat_train.models import load_model
+
+    teacher, _, _ = load_model(str(tiny_model_dir))
+    model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
+    _, train = _windows(tok)
+    batch = collate(Examples.from_windows(train), [0, 1])
+    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=1, bf16=False), teacher=teacher)
+    loss, count = kl_loss_sum(model, teacher, batch)
+    assert count == 2 * 31 and loss.item() > 0
+    loss.backward()
+    fused = {n: p.grad.clone() for n, p in trainer.scales.items()}
+
+    dense, _ = load_quantized(tiny_packed_dir, dtype=torch.float32)
+    scales = {}
+    for name, m in list(dense.named_modules()):
+        if isinstance(m, QuantLinear):
+            cmz = m.dequantize(torch.float64) / m.scales.double().repeat_interleave(m.spec.group, 0)[:m.in_features].t()
+            s = m.scales.detach().float().clone().requires_grad_(True)
+            scales[f"{name}.scales"] = s
+            m.forward = (lambda cmz, s, g, k: lambda x: torch.nn.functional.linear(
+                x, cmz.round().float() * s.repeat_interleave(g, 0)[:k].t()))(cmz, s, m.spec.group, m.in_features)
+    with torch.no_grad():
+        t_logits = teacher(batch["input_ids"]).logits[:, :-1].double().log_softmax(-1)
+    q_logits = dense(batch["input_ids"]).logits[:, :-1].double().log_softmax(-1)
+    loss2 = (t_logits.exp() * (t_logits - q_logits)).sum()  # written out, independent of token_kl
+    loss2.backward()
+    assert loss.item() == pytest.approx(loss2.item(), rel=1e-4)
+    for name, s in scales.items():
+        torch.testing.assert_close(fused[name], s.grad, rtol=1e-3, atol=1e-5 * s.grad.abs().max().item())
+    assert kl_loss_sum(teacher, teacher, batch)[0].abs().item() < 1e-4
+    with pytest.raises(ValueError, match="distils from the fp model"):
+        E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=1))
+
+
 def test_bf16_autocast_runs_forward_and_backward_in_bf16_close_to_fp32(tiny_packed_dir):
     model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
     _, train = _windows(tok)
     batch = collate(Examples.from_windows(train), [0])
-    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=1))
+    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=1, loss="ce"))
     grads = []
     for bf16 in (False, True):
         for p in trainer.scales.values():

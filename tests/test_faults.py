@@ -53,7 +53,7 @@ def _trainer(tiny_packed_dir, steps=12):
     model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
     windows = data.tokenize_windows(tok, data.load_text(None), 32)[4:20]
     return E2ETrainer(model, Examples.from_windows(windows), E2EConfig(bits=2, steps=steps, lr=1e-3, bf16=False,
-                                                                        save_every=4))
+                                                                        save_every=4, loss="ce"))
 
 
 def test_e2e_divergence_restores_the_last_saved_step_and_retries(tiny_packed_dir, monkeypatch):

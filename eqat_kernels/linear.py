@@ -1,4 +1,4 @@
-"""QuantLinear: the drop-in `nn.Linear` replacement, in two states (DESIGN section 6).
+"""QuantLinear: the drop-in `nn.Linear` replacement, in two states (docs/DESIGN.md, section 6).
 
 * trainable (Block-AP): fp `weight`, `scales`, `zeros` are parameters; forward is fake quantization.
 * packed (E2E-QP, inference): `qweight`/`qzeros` buffers and a `scales` parameter (frozen unless

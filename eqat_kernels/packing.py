@@ -1,4 +1,4 @@
-"""Integer codes <-> GPTQ-v2 int32 words (DESIGN section 4).
+"""Integer codes <-> GPTQ-v2 int32 words (docs/DESIGN.md, section 4).
 
 The format is one little-endian bit stream per column: code `k` sits at bit offset `b * k`, least
 significant bits first, 32 bits per word. For 2/4/8 bits no code straddles a word; for 3 bits this is

@@ -1,4 +1,4 @@
-"""The quantizer of DESIGN section 1: min-max init, fake quant with straight-through rounding.
+"""The quantizer of docs/DESIGN.md section 1: min-max init, fake quant with straight-through rounding.
 
 Weights are `[N, K]` (out, in) like `nn.Linear.weight`; scales and zeros are `[G, N]` like the storage
 format, so the trainable state packs without transposes.

@@ -1,6 +1,6 @@
 """What a quantized linear layer is: bit-width, group size and shape, validated once.
 
-Every other module takes a `QuantSpec` instead of loose ints, so the rules of DESIGN section 1
+Every other module takes a `QuantSpec` instead of loose ints, so the rules of docs/DESIGN.md section 1
 (supported bits, group sizes, the 32-element packing unit, the partial last group) live here only.
 """
 from __future__ import annotations

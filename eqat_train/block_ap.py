@@ -1,4 +1,4 @@
-"""Block-AP (DESIGN section 2): train every weight, scale and zero point of one block at a time.
+"""Block-AP (docs/DESIGN.md, section 2): train every weight, scale and zero point of one block at a time.
 
 Differences from the published recipe, each an option measured in the README:
 * step budget: the published learning rates assume ~4096 steps per block; a CPU run affords ~64, so

@@ -1,4 +1,4 @@
-"""Quantized checkpoints (DESIGN section 4): a complete Hugging Face folder with GPTQ-v2 tensors.
+"""Quantized checkpoints (docs/DESIGN.md, section 4): a complete Hugging Face folder with GPTQ-v2 tensors.
 
 `save_quantized` writes config.json (with `quantization_config`), model.safetensors holding every
 tensor (packed layers plus embeddings, norms, head) and the tokenizer, into a temporary folder that is

@@ -1,4 +1,4 @@
-"""E2E-QP (DESIGN section 3): codes and zero points frozen, only the scales train on the whole model's loss.
+"""E2E-QP (docs/DESIGN.md, section 3): codes and zero points frozen, only the scales train on the whole model's loss.
 
 Every QuantLinear stays packed; its autograd Function gives dx and the fused ds (Triton on CUDA, the
 cached reference path on CPU), so this stage trains through the same path inference runs. Works on

@@ -184,18 +184,24 @@ def e2e(checkpoint: str, out: str, opts: E2EOptions, text: str | None = None, se
     _refuse_foreign_output(out_path, state_dir)
     q = read_quantization_config(Path(checkpoint))
     model, tokenizer = load_quantized(checkpoint, dtype=torch.float32)  # fp32 master copy for training
-    if tokenizer is None and not opts.instruct and text is None:
-        raise ValueError(f"{checkpoint} has no tokenizer files; cannot tokenize the calibration text")
-    windows = data.tokenize_windows(tokenizer, data.load_text(text), seq_len)
-    split = data.split_windows(windows, eval_windows, calib_windows, 0, seed)
+    if tokenizer is None:
+        raise ValueError(f"{checkpoint} has no tokenizer files; cannot tokenize calibration or instruction data")
+    fp_name = teacher or q.get("eqat", {}).get("model")
+    needs_fp = opts.loss == "kl" or data.SELF in data.calibration_sources(text) or bool(eval_texts)
+    if needs_fp and not fp_name:
+        raise ValueError(f"{checkpoint} does not record its source model; pass the fp model (--teacher) "
+                         "or use --loss ce with a text calibration source and no evaluation texts")
+    fp_model = models.load_model(fp_name)[0] if needs_fp else None
+    warn_overlap(text, eval_texts or [])
+    # the block-wise stage's validation count too, so a self-generated set made by `eqat quantize` is reused
+    calib = None if opts.instruct else data.calibration_split(text, fp_model, tokenizer, seq_len, eval_windows,
+                                                               calib_windows, QuantizeOptions.val_windows, seed,
+                                                               progress).calib
     cfg = opts.config(q["bits"], bf16, seed)
     source = {"checkpoint": str(checkpoint), "text": text or data.DEFAULT_TEXT, "calib_windows": calib_windows,
               "seq_len": seq_len}
-    fp_name = teacher or q.get("eqat", {}).get("model")
-    if opts.loss == "kl" and not fp_name:
-        raise ValueError(f"{checkpoint} does not record its source model; pass the fp teacher (--teacher) or use --loss ce")
-    log = E2ETrainer(model, opts.examples(tokenizer, split.calib, seq_len), cfg, state_dir, source,
-                     teacher=opts.teacher(fp_name, bf16)).train(progress)
+    log = E2ETrainer(model, opts.examples(tokenizer, calib, seq_len), cfg, state_dir, source,
+                     teacher=fp_model if opts.loss == "kl" else None).train(progress)
     rank, _ = runstate.rank_world()
     results = {"out": str(out_path), "e2e": log, "quantize_seconds": round(time.time() - t0, 1),
                "trainable_params": trainable_counts(model, "e2e_qp")}
@@ -206,6 +212,11 @@ def e2e(checkpoint: str, out: str, opts: E2EOptions, text: str | None = None, se
         save_quantized(model, tokenizer, out_path, quantization_config(q["bits"], q["group_size"], eqat_keys))
         results["perplexity"] = evaluate_texts(model, tokenizer, eval_texts or [], seq_len, eval_windows,
                                                progress=progress)
+        if eval_texts:
+            results["fidelity"] = fidelity.report(model, fp_model, tokenizer, eval_texts, seq_len, eval_windows,
+                                                  calibration=text, progress=progress)
+            if progress:
+                print(fidelity.format_table(results["fidelity"]), file=sys.stderr)
         results["peak_rss_mb"] = round(peak_rss_mb(), 1)
         (out_path / "eqat_results.json").write_text(json.dumps(results, indent=1))
         shutil.rmtree(state_dir, ignore_errors=True)

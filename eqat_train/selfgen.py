@@ -40,6 +40,7 @@ class SelfGenConfig:
     top_k: int = 50
     temperature: float = 1.0
     user_tokens: int = 48  # longest user turn the model writes
+    answer_tokens: int = 320  # longest answer: a batch of conversations runs until its longest answer ends
     batch_size: int = 64  # rows sampled together: 222 tokens/s in bf16 on 2 cores vs 172 at 32
     seed: int = 0
 
@@ -97,7 +98,7 @@ def _conversations(model, tokenizer, cfg: SelfGenConfig, rows: int) -> list[int]
     width = max(map(len, prompts))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left-padded
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    answers = model.generate(ids, attention_mask=mask, max_new_tokens=cfg.seq_len - cfg.user_tokens,
+    answers = model.generate(ids, attention_mask=mask, max_new_tokens=cfg.answer_tokens,
                              do_sample=True, top_k=cfg.top_k, temperature=cfg.temperature, pad_token_id=pad,
                            cache_implementation=STATIC)
     stream: list[int] = []
@@ -121,64 +122,71 @@ def generate_calibration(model: nn.Module, tokenizer, cfg: SelfGenConfig = SelfG
                          cache_dir: Path | None = None, progress: bool = True) -> torch.Tensor:
     """`[cfg.sequences, cfg.seq_len]` token windows written by `model`, cached and resumable."""
     fp = model_fingerprint(model)
-    key = runstate.fingerprint({"model": fp, **asdict(cfg)})
-    folder = (cache_dir or cache_root()) / key
+    folder = (cache_dir or cache_root()) / runstate.fingerprint({"model": fp, "layout": LAYOUT, **asdict(cfg)})
     final = folder / "windows.safetensors"
+    if (folder / "meta.json").exists() and json.loads((folder / "meta.json").read_text()).get("model") != fp:
+        raise ValueError(f"{folder} holds calibration data of another model; delete it or set {CACHE_ENV}")
     if final.exists():
-        meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").exists() else {}
-        if meta.get("model") != fp:
-            raise ValueError(f"{folder} holds calibration data of another model; delete it or set {CACHE_ENV}")
         windows = runstate.load_tensors(final)["windows"]
         if tuple(windows.shape) != (cfg.sequences, cfg.seq_len):
             raise ValueError(f"{final} holds {tuple(windows.shape)} windows, expected {(cfg.sequences, cfg.seq_len)}")
         return windows
     folder.mkdir(parents=True, exist_ok=True)
     runstate.atomic_write_text(folder / "meta.json", json.dumps({"model": fp, "settings": asdict(cfg)}, indent=1))
-    chat = cfg.chat_fraction if getattr(tokenizer, "chat_template", None) else 0.0
-    n_chat = round(cfg.sequences * chat)
-    plan = _plan(cfg.sequences - n_chat, n_chat, cfg)
-    lm = copy.deepcopy(model).to(torch.bfloat16)  # sampling in bf16: ~2x fp32 on CPU; the windows are token ids
-    parts = []
+    n_chat = round(cfg.sequences * cfg.chat_fraction) if getattr(tokenizer, "chat_template", None) else 0
+    n_plain = cfg.sequences - n_chat
+    sampler = _Sampler(model)
     bar = tqdm(total=cfg.sequences, desc="self-generating calibration data", disable=not progress)
     try:
-        for i, (kind, rows) in enumerate(plan):
-            part = folder / f"part_{i:04d}.safetensors"
-            if part.exists():
-                windows = runstate.load_tensors(part)["windows"]
-            else:
-                torch.manual_seed(cfg.seed * 100_003 + i)  # per batch: a resumed run samples the same
-                g = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
-                if kind == "plain":
-                    windows = _plain_batch(lm, tokenizer, cfg, rows, g)
-                else:
-                    windows = _chat_windows(lm, tokenizer, cfg, rows)
-                runstate.atomic_save_tensors({"windows": windows.contiguous()}, part)
-            parts.append(windows)
-            bar.update(windows.shape[0])
+        plain = []
+        for i in range(0, n_plain, cfg.batch_size):
+            rows = min(cfg.batch_size, n_plain - i)
+            plain.append(_cached(folder / f"plain_{i // cfg.batch_size:04d}.safetensors", cfg, i,
+                                 lambda g: _plain_batch(sampler.lm, tokenizer, cfg, rows, g)))
+            bar.update(rows)
+        stream: list[torch.Tensor] = []
+        have, need = 0, n_chat * cfg.seq_len
+        while have < need:
+            j = len(stream)
+            stream.append(_cached(folder / f"chat_{j:04d}.safetensors", cfg, 1_000 + j,
+                                  lambda g: torch.tensor(_conversations(sampler.lm, tokenizer, cfg, cfg.batch_size))))
+            bar.update(min(need, have + stream[-1].numel()) // cfg.seq_len - have // cfg.seq_len)
+            have += stream[-1].numel()
     finally:
         bar.close()
-        del lm
-    windows = torch.cat(parts)
-    runstate.atomic_save_tensors({"windows": windows.contiguous()}, final)
-    for part in folder.glob("part_*.safetensors"):
+        sampler = None  # frees the bf16 copy
+    parts = plain + ([torch.cat(stream)[:need].reshape(n_chat, cfg.seq_len)] if n_chat else [])
+    order = torch.randperm(cfg.sequences, generator=torch.Generator().manual_seed(cfg.seed))
+    windows = torch.cat(parts)[order].contiguous()  # plain and chat mixed in calibration and validation alike
+    runstate.atomic_save_tensors({"windows": windows}, final)
+    for part in list(folder.glob("plain_*.safetensors")) + list(folder.glob("chat_*.safetensors")):
         part.unlink()
     return windows
 
 
-def _chat_windows(model, tokenizer, cfg: SelfGenConfig, rows: int) -> torch.Tensor:
-    """`rows` windows of `seq_len` tokens cut from as many conversations as it takes."""
-    stream: list[int] = []
-    while len(stream) < rows * cfg.seq_len:
-        stream += _conversations(model, tokenizer, cfg, cfg.batch_size)
-    return torch.tensor(stream[:rows * cfg.seq_len]).reshape(rows, cfg.seq_len)
+LAYOUT = 2  # bump when the sampling procedure changes, so old caches are not mistaken for new ones
 
 
-def _plan(n_plain: int, n_chat: int, cfg: SelfGenConfig) -> list[tuple[str, int]]:
-    """Batches in a fixed order, interleaving plain and chat so a partial cache already mixes both."""
-    plain = [("plain", min(cfg.batch_size, n_plain - i)) for i in range(0, n_plain, cfg.batch_size)]
-    per_chat = max(1, cfg.batch_size // 2)  # a batch of conversations fills about half as many windows
-    chat = [("chat", min(per_chat, n_chat - i)) for i in range(0, n_chat, per_chat)]
-    plan = []
-    for i in range(max(len(plain), len(chat))):
-        plan += plain[i:i + 1] + chat[i:i + 1]
-    return plan
+class _Sampler:
+    """A bf16 copy of the fp model, made only if something has to be generated (sampling in bf16 runs
+    ~2x fp32 on CPU; the windows are token ids, so the copy's precision does not reach them)."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self._lm = model, None
+
+    @property
+    def lm(self) -> nn.Module:
+        if self._lm is None:
+            self._lm = copy.deepcopy(self.model).to(torch.bfloat16)
+        return self._lm
+
+
+def _cached(path: Path, cfg: SelfGenConfig, index: int, make) -> torch.Tensor:
+    """One batch: read back if a previous (possibly killed) run saved it, else sample it with its own
+    seed, so a resumed run produces exactly what an uninterrupted one would."""
+    if path.exists():
+        return runstate.load_tensors(path)["tokens"]
+    torch.manual_seed(cfg.seed * 100_003 + index)
+    tokens = make(torch.Generator().manual_seed(cfg.seed * 100_003 + index))
+    runstate.atomic_save_tensors({"tokens": tokens.contiguous()}, path)
+    return tokens

@@ -89,7 +89,7 @@ def test_self_generated_calibration_is_cached_resumable_and_tied_to_its_model(ti
     stream = fresh.flatten().tolist()
     assert any(stream[i:i + len(header)] == header for i in range(len(stream)))  # conversations are in there
     folder = next((tmp_path / "a").iterdir())
-    assert not list(folder.glob("*.tmp")) and not list(folder.glob("part_*"))
+    assert not list(folder.glob("*.tmp")) and not list(folder.glob("plain_*")) and not list(folder.glob("chat_*"))
 
     monkeypatch.setattr(selfgen, "_plain_batch", lambda *a, **k: pytest.fail("a cached set is not regenerated"))
     assert torch.equal(generate_calibration(model, tok, cfg, cache_dir=tmp_path / "a", progress=False), fresh)

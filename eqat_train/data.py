@@ -192,3 +192,14 @@ def calibration_split(spec: str | None, model, tokenizer, seq_len: int, n_eval: 
 def overlapping_texts(calibration: str | None, eval_texts: list[str]) -> list[str]:
     """Evaluation texts that are also calibration sources: numbers on them measure fitting, not fidelity."""
     return [t for t in eval_texts if t in calibration_sources(calibration)]
+
+
+def evaluation_windows(tokenizer, texts: list[str], seq_len: int, n_windows: int) -> dict[str, torch.Tensor]:
+    """The first `n_windows` windows of each text; a text that is not on this machine is skipped, said so."""
+    out = {}
+    for text in texts:
+        try:
+            out[text] = tokenize_windows(tokenizer, load_text(text), seq_len)[:n_windows]
+        except FileNotFoundError as e:
+            print(f"skipping evaluation on {text}: {e}")
+    return out

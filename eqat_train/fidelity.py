@@ -117,12 +117,7 @@ def report(model: nn.Module, fp_model: nn.Module, tokenizer, texts: list[str], s
 
     calibrated = set(data.overlapping_texts(calibration, texts)) if calibration is not None else set()
     per_text = {}
-    for text in texts:
-        try:
-            windows = data.tokenize_windows(tokenizer, data.load_text(text), seq_len)[:n_windows]
-        except FileNotFoundError as e:
-            print(f"skipping evaluation on {text}: {e}")
-            continue
+    for text, windows in data.evaluation_windows(tokenizer, texts, seq_len, n_windows).items():
         row = compare_on_windows(model, fp_model, windows, progress=progress).as_dict()
         if text in calibrated:
             row["calibrated_on"] = True  # a fit to this text, not a measure of fidelity

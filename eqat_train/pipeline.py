@@ -144,15 +144,10 @@ def quantize(opts: QuantizeOptions, progress: bool = True) -> dict:
                "group_size": opts.group_size, "quantize_seconds": round(quant_seconds, 1),
                "stage_seconds": stage_seconds, "trainable_params": trainable_counts(model, opts.method),
                "blocks": log, "e2e": e2e_log}
-    results["perplexity"] = evaluate_texts(model, tokenizer, opts.eval_texts, opts.seq_len, opts.eval_windows,
-                                           progress=progress)
-    if opts.fidelity and opts.eval_texts:
-        fp_model, _, _ = models.load_model(opts.model)
-        results["fidelity"] = fidelity.report(model, fp_model, tokenizer, opts.eval_texts, opts.seq_len,
-                                              opts.eval_windows, calibration=opts.text, progress=progress)
-        del fp_model
-        if progress:
-            print(fidelity.format_table(results["fidelity"]), file=sys.stderr)
+    fp_model = models.load_model(opts.model)[0] if opts.fidelity and opts.eval_texts else None
+    results.update(report_quality(model, fp_model, tokenizer, opts.eval_texts, opts.seq_len, opts.eval_windows,
+                                  opts.text, progress))
+    del fp_model
     results["peak_rss_mb"] = round(peak_rss_mb(), 1)
     results["total_seconds"] = round(time.time() - t0, 1)
     (out / "eqat_results.json").write_text(json.dumps(results, indent=1))
@@ -210,30 +205,31 @@ def e2e(checkpoint: str, out: str, opts: E2EOptions, text: str | None = None, se
         eqat_keys["stages"] = list(eqat_keys.get("stages", [])) + ["e2e_qp"]
         eqat_keys["e2e_qp"] = {**cfg.as_dict(), "instruct": opts.instruct, **source}
         save_quantized(model, tokenizer, out_path, quantization_config(q["bits"], q["group_size"], eqat_keys))
-        results["perplexity"] = evaluate_texts(model, tokenizer, eval_texts or [], seq_len, eval_windows,
-                                               progress=progress)
-        if eval_texts:
-            results["fidelity"] = fidelity.report(model, fp_model, tokenizer, eval_texts, seq_len, eval_windows,
-                                                  calibration=text, progress=progress)
-            if progress:
-                print(fidelity.format_table(results["fidelity"]), file=sys.stderr)
+        results.update(report_quality(model, fp_model if eval_texts else None, tokenizer, eval_texts or [], seq_len,
+                                      eval_windows, text, progress))
         results["peak_rss_mb"] = round(peak_rss_mb(), 1)
         (out_path / "eqat_results.json").write_text(json.dumps(results, indent=1))
         shutil.rmtree(state_dir, ignore_errors=True)
     return results
 
 
+def report_quality(model, fp_model, tokenizer, texts: list[str], seq_len: int, n_windows: int,
+                   calibration: str | None, progress: bool) -> dict:
+    """Perplexity per text; with the fp model also the fidelity report (whose perplexities are the same
+    numbers, computed once)."""
+    if fp_model is None:
+        return {"perplexity": evaluate_texts(model, tokenizer, texts, seq_len, n_windows, progress=progress)}
+    rep = fidelity.report(model, fp_model, tokenizer, texts, seq_len, n_windows, calibration=calibration,
+                          progress=progress)
+    if progress:
+        print(fidelity.format_table(rep), file=sys.stderr)
+    return {"perplexity": {t: round(r["ppl"], 3) for t, r in rep["texts"].items()}, "fidelity": rep}
+
+
 def evaluate_texts(model, tokenizer, texts: list[str], seq_len: int, n_windows: int, progress: bool = True) -> dict:
     """Perplexity on the first `n_windows` windows of each text (the calibration never sees the default's)."""
-    ppl = {}
-    for text in texts:
-        try:
-            windows = data.tokenize_windows(tokenizer, data.load_text(text), seq_len)[:n_windows]
-        except FileNotFoundError as e:
-            print(f"skipping evaluation on {text}: {e}")
-            continue
-        ppl[text] = round(evaluate.perplexity(model, windows, progress=progress), 3)
-    return ppl
+    return {text: round(evaluate.perplexity(model, windows, progress=progress), 3)
+            for text, windows in data.evaluation_windows(tokenizer, texts, seq_len, n_windows).items()}
 
 
 def warn_overlap(calibration: str | None, eval_texts: list[str]) -> None:

@@ -41,6 +41,22 @@ def test_e2e_trains_only_scales_and_lowers_held_out_loss(tiny_packed_dir):
     assert ppl1 < ppl0, (ppl0, ppl1)
 
 
+def _dense_model_with_leaf_scales(folder):
+    """The checkpoint as a dense model computing W_hat = (q - z) * s from leaf scale tensors, so plain
+    autograd gives ds: the independent reference for the fused Function's gradients."""
+    dense, _ = load_quantized(folder, dtype=torch.float32)
+    scales = {}
+    for name, m in list(dense.named_modules()):
+        if isinstance(m, QuantLinear):
+            def expand(s, m=m):
+                return s.repeat_interleave(m.spec.group, 0)[:m.in_features].t()
+            cmz = (m.dequantize(torch.float64) / expand(m.scales.double())).round().float()  # integer q - z
+            s = m.scales.detach().float().clone().requires_grad_(True)
+            scales[f"{name}.scales"] = s
+            m.forward = (lambda cmz, s, expand: lambda x: torch.nn.functional.linear(x, cmz * expand(s)))(cmz, s, expand)
+    return dense, scales
+
+
 def test_scale_gradients_match_a_dense_dequantized_model(tiny_packed_dir):
     """ds through the fused Function equals autograd through W_hat = (q - z) * s built densely."""
     model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
@@ -51,14 +67,7 @@ def test_scale_gradients_match_a_dense_dequantized_model(tiny_packed_dir):
     loss.backward()
     fused = {n: p.grad.clone() for n, p in trainer.scales.items()}
 
-    dense, _ = load_quantized(tiny_packed_dir, dtype=torch.float32)
-    scales = {}
-    for name, m in list(dense.named_modules()):
-        if isinstance(m, QuantLinear):
-            s = m.scales.detach().float().clone().requires_grad_(True)
-            scales[f"{name}.scales"] = s
-            m.forward = (lambda mod, s: lambda x: torch.nn.functional.linear(
-                x, mod._reference_path().cmz.float() * s.repeat_interleave(mod.spec.group, 0)[:mod.in_features].t()))(m, s)
+    dense, scales = _dense_model_with_leaf_scales(tiny_packed_dir)
     loss2, _ = token_loss_sum(dense, batch)
     loss2.backward()
     assert loss.item() == pytest.approx(loss2.item(), rel=1e-5)
@@ -82,15 +91,7 @@ def test_kl_distillation_gradients_match_autograd_through_a_dense_model(tiny_pac
     loss.backward()
     fused = {n: p.grad.clone() for n, p in trainer.scales.items()}
 
-    dense, _ = load_quantized(tiny_packed_dir, dtype=torch.float32)
-    scales = {}
-    for name, m in list(dense.named_modules()):
-        if isinstance(m, QuantLinear):
-            cmz = m.dequantize(torch.float64) / m.scales.double().repeat_interleave(m.spec.group, 0)[:m.in_features].t()
-            s = m.scales.detach().float().clone().requires_grad_(True)
-            scales[f"{name}.scales"] = s
-            m.forward = (lambda cmz, s, g, k: lambda x: torch.nn.functional.linear(
-                x, cmz.round().float() * s.repeat_interleave(g, 0)[:k].t()))(cmz, s, m.spec.group, m.in_features)
+    dense, scales = _dense_model_with_leaf_scales(tiny_packed_dir)
     with torch.no_grad():
         t_logits = teacher(batch["input_ids"]).logits[:, :-1].double().log_softmax(-1)
     q_logits = dense(batch["input_ids"]).logits[:, :-1].double().log_softmax(-1)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .data import DEFAULT_EVAL_TEXTS
+
 
 
 def _add_quantize(sub) -> None:
@@ -17,12 +19,14 @@ def _add_quantize(sub) -> None:
     p.add_argument("--method", default="block_ap", choices=["block_ap", "rtn", "gptq"])
     p.add_argument("--bits", type=int, default=2)
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--text", help="calibration text: stdlib (default), fortunes, a .txt/.jsonl file or hf:NAME")
+    p.add_argument("--text", help="calibration source: self (default: text the fp model writes itself, cached), stdlib, fortunes, code, "
+                        "licenses, a .txt/.jsonl file, hf:NAME, or a mixture such as self+stdlib")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--calib-windows", type=int, default=None, help="calibration windows (default 128)")
     p.add_argument("--val-windows", type=int, default=4, help="held-out windows for per-block validation loss")
     p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--eval-texts", nargs="*", default=["stdlib", "fortunes"])
+    p.add_argument("--eval-texts", nargs="*", default=list(DEFAULT_EVAL_TEXTS),
+                   help="texts to report fidelity on (never calibrated on); none: skip evaluation")
     p.add_argument("--epochs", type=int, default=None, help="Block-AP epochs (default 1)")
     p.add_argument("--lr-scale", type=float, default=None,
                    help="Block-AP weight learning-rate multiplier over the published 2e-5/1e-5 (default 200)")
@@ -91,11 +95,13 @@ def _add_e2e(sub) -> None:
     p = sub.add_parser("e2e", help="E2E-QP: train the scales of a packed checkpoint (torchrun for several processes)")
     p.add_argument("checkpoint", help="eqat/GPTQ-v2 folder to start from")
     p.add_argument("--out", required=True, help="output folder for the trained checkpoint")
-    p.add_argument("--text", help="training text: stdlib (default), fortunes, a .txt/.jsonl file or hf:NAME")
+    p.add_argument("--text", help="calibration source: self (default: text the fp model writes itself, cached), stdlib, fortunes, code, "
+                        "licenses, a .txt/.jsonl file, hf:NAME, or a mixture such as self+stdlib")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--calib-windows", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--eval-texts", nargs="*", default=["stdlib", "fortunes"])
+    p.add_argument("--eval-texts", nargs="*", default=list(DEFAULT_EVAL_TEXTS),
+                   help="texts to report fidelity on (never calibrated on); none: skip evaluation")
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher", help="fp model the KL loss distils from (default: the source the checkpoint records)")
@@ -139,7 +145,7 @@ def _add_eval(sub) -> None:
     p.add_argument("checkpoint", nargs="?", help="eqat/GPTQ-v2 folder; omit with --model for the fp model alone")
     p.add_argument("--model", help="fp model to compare with (default: the source recorded in the checkpoint; "
                                    "folder, .gguf or Hub id)")
-    p.add_argument("--texts", nargs="+", default=["stdlib", "fortunes", "code"],
+    p.add_argument("--texts", nargs="+", default=list(DEFAULT_EVAL_TEXTS),
                    help="stdlib, fortunes, code, a .txt/.jsonl file or hf:NAME")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--windows", type=int, default=40)

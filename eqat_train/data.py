@@ -155,11 +155,13 @@ def split_windows(windows: torch.Tensor, n_eval: int, n_calib: int, n_val: int =
 
 
 SELF = "self"  # calibration written by the fp model itself (selfgen.py)
+DEFAULT_CALIBRATION = SELF
+DEFAULT_EVAL_TEXTS = ("stdlib", "fortunes", "code")  # reported genres; "licenses" is for choosing settings
 
 
 def calibration_sources(spec: str | None) -> list[str]:
     """`self`, a text source, or a mixture `a+b+...` of them."""
-    parts = [p.strip() for p in (spec or DEFAULT_TEXT).split("+")]
+    parts = [p.strip() for p in (spec or DEFAULT_CALIBRATION).split("+")]
     if not all(parts):
         raise ValueError(f"calibration source {spec!r} has an empty part")
     return parts
@@ -178,8 +180,15 @@ def calibration_split(spec: str | None, model, tokenizer, seq_len: int, n_eval: 
         if part == SELF:
             from .selfgen import SelfGenConfig, generate_calibration
 
+            from . import runstate
+
+            rank, world = runstate.rank_world()
+            if world > 1 and rank != 0:
+                torch.distributed.barrier()  # under torchrun rank 0 writes the cache, the others read it
             windows = generate_calibration(model, tokenizer, SelfGenConfig(sequences=c + v, seq_len=seq_len, seed=seed),
                                            progress=progress)
+            if world > 1 and rank == 0:
+                torch.distributed.barrier()
             calib.append(windows[:c])
             val.append(windows[c:])
         else:

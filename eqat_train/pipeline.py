@@ -65,7 +65,7 @@ class QuantizeOptions:
     calib_windows: int = 128
     val_windows: int = 4
     eval_windows: int = 40
-    eval_texts: list[str] = field(default_factory=lambda: ["stdlib", "fortunes"])
+    eval_texts: list[str] = field(default_factory=lambda: list(data.DEFAULT_EVAL_TEXTS))
     epochs: int = 1
     lr_scale: float = 200.0
     lr_scale_quant: float = 25.0
@@ -117,7 +117,7 @@ def quantize(opts: QuantizeOptions, progress: bool = True) -> dict:
         step, method_options = make_rtn(opts.bits, opts.group_size), {"method": "rtn"}
     else:
         step, method_options = make_gptq(opts.bits, opts.group_size, bf16=opts.bf16), {"method": "gptq", "damp": 0.01}
-    run_options = {**method_options, "model": source.describe(), "text": opts.text or data.DEFAULT_TEXT,
+    run_options = {**method_options, "model": source.describe(), "text": opts.text or data.DEFAULT_CALIBRATION,
                    "seq_len": opts.seq_len, "calib_windows": opts.calib_windows, "val_windows": opts.val_windows,
                    "eval_windows": opts.eval_windows, "seed": opts.seed, "batch_size": opts.batch_size,
                    "bf16": opts.bf16}
@@ -193,7 +193,7 @@ def e2e(checkpoint: str, out: str, opts: E2EOptions, text: str | None = None, se
                                                                calib_windows, QuantizeOptions.val_windows, seed,
                                                                progress).calib
     cfg = opts.config(q["bits"], bf16, seed)
-    source = {"checkpoint": str(checkpoint), "text": text or data.DEFAULT_TEXT, "calib_windows": calib_windows,
+    source = {"checkpoint": str(checkpoint), "text": text or data.DEFAULT_CALIBRATION, "calib_windows": calib_windows,
               "seq_len": seq_len}
     log = E2ETrainer(model, opts.examples(tokenizer, calib, seq_len), cfg, state_dir, source,
                      teacher=fp_model if opts.loss == "kl" else None).train(progress)
@@ -235,7 +235,7 @@ def evaluate_texts(model, tokenizer, texts: list[str], seq_len: int, n_windows: 
 def warn_overlap(calibration: str | None, eval_texts: list[str]) -> None:
     overlap = data.overlapping_texts(calibration, eval_texts)
     if overlap:
-        print(f"WARNING: evaluation text(s) {overlap} are also calibration sources ({calibration or data.DEFAULT_TEXT}): "
+        print(f"WARNING: evaluation text(s) {overlap} are also calibration sources ({calibration or data.DEFAULT_CALIBRATION}): "
               "their numbers measure how well the model fits that text, not how well it is kept; report "
               "fidelity on texts that were not calibrated on", file=sys.stderr)
 

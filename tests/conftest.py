@@ -3,6 +3,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# self-generated calibration sets of the tiny test models go to a throwaway cache, not ~/.cache/eqat
+os.environ.setdefault("EQAT_CACHE", __import__("tempfile").mkdtemp(prefix="eqat-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -182,4 +182,8 @@ def test_nan_activations_in_calibration_are_named(tiny_model_dir, tmp_path):
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(broken)
     with pytest.raises(ValueError, match="activations reaching this block contain NaN/Inf"):
         quantize(QuantizeOptions(model=str(broken), out=str(tmp_path / "o"), bits=2, group_size=32, seq_len=32,
+                                 calib_windows=4, val_windows=0, eval_windows=2, eval_texts=[], e2e=None,
+                                 text="stdlib"), progress=False)
+    with pytest.raises(ValueError, match="fp model's next-token logits contain NaN/Inf"):  # self-generation
+        quantize(QuantizeOptions(model=str(broken), out=str(tmp_path / "o2"), bits=2, group_size=32, seq_len=32,
                                  calib_windows=4, val_windows=0, eval_windows=2, eval_texts=[], e2e=None), progress=False)

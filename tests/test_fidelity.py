@@ -56,7 +56,7 @@ def test_evaluation_and_calibration_overlap_is_named(tiny_model_dir, tmp_path, c
 
     quantize(QuantizeOptions(model=str(tiny_model_dir), out=str(tmp_path / "o"), method="rtn", bits=4, group_size=32,
                              seq_len=32, calib_windows=2, val_windows=0, eval_windows=2, eval_texts=["stdlib"],
-                             fidelity=False, e2e=None), progress=False)
+                             text="stdlib", fidelity=False, e2e=None), progress=False)
     assert "WARNING: evaluation text(s) ['stdlib'] are also calibration sources" in capsys.readouterr().err
 
 
@@ -66,7 +66,7 @@ def test_self_generated_calibration_is_cached_resumable_and_tied_to_its_model(ti
     model, tok = tiny
     tok = copy.deepcopy(tok)
     tok.chat_template = CHATML
-    cfg = SelfGenConfig(sequences=5, seq_len=16, batch_size=2, user_tokens=6, chat_fraction=0.4)
+    cfg = SelfGenConfig(sequences=5, seq_len=16, batch_size=2, user_tokens=6, answer_tokens=12, chat_fraction=0.2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     real_plain = selfgen._plain_batch
     calls = []

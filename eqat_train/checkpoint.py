@@ -110,6 +110,11 @@ def read_quantization_config(path: Path) -> dict:
     return q
 
 
+def source_model(qconfig: dict) -> str | None:
+    """The fp model a checkpoint was quantized from, as eqat recorded it (None for other tools' folders)."""
+    return qconfig.get("eqat", {}).get("model") or None
+
+
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     files = sorted(path.glob("*.safetensors"))

@@ -158,12 +158,12 @@ def _eval(args) -> dict:
     if not args.checkpoint:
         model, tokenizer = _load(None, args.model)
         return {"perplexity": evaluate_texts(model, tokenizer, args.texts, args.seq_len, args.windows)}
-    from .checkpoint import load_quantized, read_quantization_config
+    from .checkpoint import load_quantized, read_quantization_config, source_model
     from .models import load_model
 
     model, tokenizer = load_quantized(args.checkpoint, dtype=torch.float32)
     q = read_quantization_config(Path(args.checkpoint))
-    fp_name = args.model or q.get("eqat", {}).get("model")
+    fp_name = args.model or source_model(q)
     if not fp_name:
         raise ValueError(f"{args.checkpoint} does not record its source model; pass the fp model with --model")
     fp_model, _, _ = load_model(fp_name)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_TEXT = "stdlib"
+SELF = "self"  # calibration written by the fp model itself (selfgen.py)
 OTHER_GENRE_FILES = ("literature", "wisdom", "people", "art", "love")  # Debian's `fortunes` package
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 
@@ -68,7 +69,7 @@ def load_text(source: str | None = None) -> str:
         source = DEFAULT_TEXT
     if source in NAMED_TEXTS:
         return _non_empty(NAMED_TEXTS[source](), f"the {source} text")
-    if source == "self":
+    if source == SELF:
         raise ValueError("'self' (self-generated calibration) is a calibration source, not a text to evaluate on")
     if source.startswith("hf:"):
         return _non_empty(_dataset_text(source[3:]), source)
@@ -154,7 +155,6 @@ def split_windows(windows: torch.Tensor, n_eval: int, n_calib: int, n_val: int =
                        val=windows[order[n_calib:n_calib + n_val]])
 
 
-SELF = "self"  # calibration written by the fp model itself (selfgen.py)
 DEFAULT_CALIBRATION = SELF
 DEFAULT_EVAL_TEXTS = ("stdlib", "fortunes", "code")  # reported genres; "licenses" is for choosing settings
 

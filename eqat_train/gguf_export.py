@@ -96,15 +96,15 @@ def save_gguf(model: nn.Module, tokenizer, path: str | Path, source_gguf: str | 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     """`eqat export CHECKPOINT --format gguf --out FILE.gguf`."""
-    from .checkpoint import load_quantized, read_quantization_config
+    from .checkpoint import load_quantized, read_quantization_config, source_model
 
     checkpoint = Path(checkpoint)
     model_type = _model_type(checkpoint)
     if model_type not in ARCHITECTURES:  # refuse before loading anything
         raise ValueError(_unsupported(model_type))
     model, tokenizer = load_quantized(checkpoint, dtype=torch.float32)
-    recorded = read_quantization_config(checkpoint).get("eqat", {}).get("model", "")
-    source = Path(recorded) if str(recorded).endswith(".gguf") and Path(recorded).is_file() else None
+    recorded = source_model(read_quantization_config(checkpoint)) or ""
+    source = Path(recorded) if recorded.endswith(".gguf") and Path(recorded).is_file() else None
     return save_gguf(model, tokenizer, out, source_gguf=source, tokenizer_dir=checkpoint)
 
 

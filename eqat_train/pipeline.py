@@ -15,7 +15,7 @@ from . import data, evaluate, fidelity, models, runstate
 from .baselines import make_gptq, make_rtn
 from .block_ap import BlockAPConfig, make_block_ap
 from .blockwise import BlockwiseRun
-from .checkpoint import load_quantized, quantization_config, read_quantization_config, save_quantized
+from .checkpoint import load_quantized, quantization_config, read_quantization_config, save_quantized, source_model
 from .e2e_qp import E2EConfig, E2ETrainer
 from .examples import Examples
 
@@ -181,7 +181,7 @@ def e2e(checkpoint: str, out: str, opts: E2EOptions, text: str | None = None, se
     model, tokenizer = load_quantized(checkpoint, dtype=torch.float32)  # fp32 master copy for training
     if tokenizer is None:
         raise ValueError(f"{checkpoint} has no tokenizer files; cannot tokenize calibration or instruction data")
-    fp_name = teacher or q.get("eqat", {}).get("model")
+    fp_name = teacher or source_model(q)
     needs_fp = opts.loss == "kl" or data.SELF in data.calibration_sources(text) or bool(eval_texts)
     if needs_fp and not fp_name:
         raise ValueError(f"{checkpoint} does not record its source model; pass the fp model (--teacher) "

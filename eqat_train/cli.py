@@ -57,7 +57,9 @@ def _add_e2e_options(p, prefix: str) -> None:
                    help="instruction-tuning JSONL ({prompt, response} or {messages}); loss on responses only")
     p.add_argument(f"--{prefix}gradient-checkpointing", action="store_true", help="recompute activations in backward")
     p.add_argument(f"--{prefix}save-every", type=int, default=d.save_every, help="steps between resumable saves")
-    p.add_argument(f"--{prefix}loss", choices=["kl", "ce"], default=d.loss,
+    from .e2e_qp import LOSSES
+
+    p.add_argument(f"--{prefix}loss", choices=LOSSES, default=d.loss,
                    help="kl: distil from the fp model, KL(fp || quantized) over the vocabulary at every position "
                         "(default); ce: next-token cross-entropy on the calibration text")
 

@@ -33,7 +33,7 @@ class E2EOptions:
     instruct: str | None = None
     gradient_checkpointing: bool = False
     save_every: int = 8
-    loss: str = "kl"  # "kl": distil from the fp model; "ce": next-token cross-entropy
+    loss: str = E2EConfig.loss
 
     def config(self, bits: int, bf16: bool, seed: int) -> E2EConfig:
         return E2EConfig(bits=bits, steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum,

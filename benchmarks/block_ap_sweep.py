@@ -15,10 +15,11 @@ import time
 
 import torch
 
-from eqat_kernels import QuantLinear
+from eqat_kernels import compute_path
 from eqat_train import data, models
-from eqat_train.block_ap import BlockAPConfig, make_block_ap
-from eqat_train.blockwise import ActivationStore, capture_block_inputs, run_block
+from eqat_train.block_ap import BlockAPConfig
+from eqat_train.activations import ActivationStore, capture_block_inputs, run_block
+from eqat_train.blockwise import BlockData
 
 
 def main() -> None:
@@ -40,12 +41,10 @@ def main() -> None:
             val_out = ActivationStore(run_block(blocks[i], ctx, val_in, 8), dtype="float32")
             for overrides in json.loads(args.configs):
                 block, t0 = copy.deepcopy(blocks[i]), time.time()
-                stats = make_block_ap(BlockAPConfig(**overrides))(
-                    i, block, ctx, cal_in, cal_out, {"val_in": val_in, "val_out": val_out, "batch_size": 2})
-                for m in block.modules():
-                    if isinstance(m, QuantLinear):
-                        m.backend = "reference"
-                out, target = run_block(block, ctx, val_in, 8), val_out.get(slice(None))
+                stats = BlockAPConfig(**overrides).quantize_block(
+                    BlockData(i, block, ctx, cal_in, cal_out, val_in, val_out, bf16=True))
+                with compute_path(block, "reference"):
+                    out, target = run_block(block, ctx, val_in, 8), val_out.get(slice(None))
                 rel = ((out - target).pow(2).sum(-1) / target.pow(2).sum(-1)).mean().item()
                 print(f"block {i} {overrides}: init {stats['val_loss_init']:.4f} -> rel {rel:.4f}, "
                       f"mse {(out - target).pow(2).mean().item():.4f} ({time.time() - t0:.0f} s)", flush=True)

@@ -14,6 +14,8 @@ import torch
 
 from eqat_train import data, fidelity, models
 from eqat_train.checkpoint import load_quantized, read_quantization_config
+from eqat_train.configs import RunConfig
+from eqat_train.pipeline import load_teacher
 from eqat_train.e2e_qp import E2EConfig, E2ETrainer
 from eqat_train.examples import Examples
 
@@ -31,13 +33,14 @@ def main() -> None:
 
     q = read_quantization_config(Path(args.checkpoint))
     fp, tok, _ = models.load_model(q["eqat"]["model"])
-    split = data.calibration_split(args.text, fp, tok, 512, args.eval_windows, args.calib_windows, 0)
+    # the validation count of `eqat quantize`, so the self-generated set it made is reused
+    split = data.calibration_split(args.text, fp, tok, 512, args.eval_windows, args.calib_windows, RunConfig.val_windows)
     windows = {t: data.tokenize_windows(tok, data.load_text(t), 512)[:args.eval_windows] for t in args.texts}
     rows = []
     for overrides in json.loads(args.configs):
         model, _ = load_quantized(args.checkpoint, dtype=torch.float32)
-        cfg = E2EConfig(bits=q["bits"], **overrides)
-        teacher = models.load_model(q["eqat"]["model"], dtype=torch.bfloat16 if cfg.bf16 else torch.float32)[0]
+        cfg = E2EConfig(**overrides)
+        teacher = load_teacher(q["eqat"]["model"], bf16=True)
         torch.manual_seed(0)
         t0 = time.time()
         log = E2ETrainer(model, Examples.from_windows(split.calib), cfg, teacher=teacher).train()

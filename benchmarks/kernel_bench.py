@@ -22,6 +22,7 @@ def roofline(bits: int, group: int) -> float:
 
 
 def bench_cuda(shapes, ms, settings) -> list[dict]:
+    from eqat_kernels.triton_kernels.ops import prepare_weight
     from eqat_kernels.triton_kernels.tuning import warmup
 
     rows = []
@@ -30,7 +31,7 @@ def bench_cuda(shapes, ms, settings) -> list[dict]:
         for name in settings:
             bits, group = SETTINGS[name]
             layer = random_quant_linear(n, k, bits, group, "cuda")
-            warmup(layer._triton_path().weight, layer.scales, layer.spec, m_values=ms)
+            warmup(prepare_weight(layer.qweight, layer.qzeros, layer.spec), layer.scales, layer.spec, m_values=ms)
             for m in ms:
                 x = torch.randn(m, k, dtype=torch.float16, device="cuda")
                 import triton.testing

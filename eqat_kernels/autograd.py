@@ -63,12 +63,7 @@ class ReferencePath:
         return dy @ w
 
     def grad_scales(self, x, dy, scales):
-        # The dense dW = dy^T x runs in x's dtype (bf16 under autocast: the step's largest matmul);
-        # the products with (q - z) and the group sums run in fp32 (fp64 stays fp64 for tests).
-        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-        grad_w = dy2.t() @ x2
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return reference.group_sum(self.cmz.to(compute) * grad_w.to(compute), self.spec)
+        return reference.grad_scales_from_codes(x, dy, self.cmz, scales, self.spec)[0]
 
 
 class QuantLinearFunction(torch.autograd.Function):

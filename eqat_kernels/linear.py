@@ -93,10 +93,14 @@ class QuantLinear(nn.Module):
         self._cache.clear()
         return self
 
-    def train_scales(self, enabled: bool = True) -> "QuantLinear":
-        """E2E-QP: only the scales of a packed layer learn."""
+    def train_scales(self, enabled: bool = True, dtype: torch.dtype | None = None) -> "QuantLinear":
+        """E2E-QP: only the scales of a packed layer learn; `dtype` re-stores them (fp32 master scales while
+        training, the checkpoint's fp16 after)."""
         if not self.is_packed:
             raise RuntimeError("train_scales applies to packed layers; call pack() first")
+        if dtype is not None and self.scales.dtype != dtype:
+            self.scales.data = self.scales.data.to(dtype)  # same Parameter: optimizers holding it stay valid
+            self._cache.clear()
         self.scales.requires_grad_(enabled)
         return self
 

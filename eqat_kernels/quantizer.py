@@ -41,7 +41,7 @@ def _group_range(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
             _group_view(w, spec, float("-inf")).amax(dim=-1, keepdim=True))
 
 
-def _range_scale_zero(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec,
+def range_scale_zero(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec,
                       ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The min-max grid of the range shrunk by `ratio`: `s = clamp((max-min)*r/qmax)`, `z = round(-min*r/s)`."""
     scales = ((wmax - wmin) * ratio / spec.qmax).clamp(SCALE_MIN, SCALE_MAX)
@@ -51,7 +51,7 @@ def _range_scale_zero(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec,
 def minmax_init(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group asymmetric min-max: `s = clamp((max-min)/qmax)`, `z = round(-min/s)`; both `[G, N]` fp32."""
     check_finite_weight(weight)
-    scales, zeros = _range_scale_zero(*_group_range(weight.detach().float(), spec), spec)
+    scales, zeros = range_scale_zero(*_group_range(weight.detach().float(), spec), spec)
     return scales.squeeze(-1).t().contiguous(), zeros.squeeze(-1).t().contiguous()
 
 
@@ -80,7 +80,7 @@ def clip_search_init(
     best_err = torch.full(wmax.shape, float("inf"), device=w.device)
     best_s, best_z = torch.ones_like(wmax), torch.zeros_like(wmax)
     for r in torch.linspace(1.0, min_ratio, ratios).tolist():
-        s, z = _range_scale_zero(wmin, wmax, spec, r)
+        s, z = range_scale_zero(wmin, wmax, spec, r)
         z = z.clamp(0, spec.qmax)
         w_hat = (torch.clamp(torch.round(w / s) + z, 0, spec.qmax) - z) * s
         err = ((w - w_hat).pow(2) * weigh).sum(-1, keepdim=True)

@@ -56,9 +56,13 @@ def grad_scales(x, dy, qweight, qzeros, scales, spec: QuantSpec, with_zeros: boo
 
 
 def grad_scales_from_codes(x, dy, cmz: torch.Tensor, scales, spec: QuantSpec, with_zeros: bool = False):
+    """`grad_scales` from cached `(q - z)`. The dense `dW = dy^T x` runs in x's dtype (bf16 under autocast:
+    the step's largest matmul); the products with `(q - z)` and the group sums in fp32 (fp64 stays fp64)."""
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     grad_w = dy2.t() @ x2  # [N, K]: the dense weight gradient the Triton kernel never builds
-    ds = group_sum(cmz.to(grad_w.dtype) * grad_w, spec)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grad_w = grad_w.to(compute)
+    ds = group_sum(cmz.to(compute) * grad_w, spec)
     if not with_zeros:
         return ds, None
-    return ds, -scales.to(grad_w.dtype) * group_sum(grad_w, spec)
+    return ds, -scales.to(compute) * group_sum(grad_w, spec)

@@ -8,18 +8,20 @@ from torch import nn
 from .linear import QuantLinear
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` at dotted path `name` inside `root` (the one place modules are swapped); returns `new`."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+    return new
+
+
 def quantize_linears(model: nn.Module, bits: int, group_size: int,
                      include: Callable[[str, nn.Linear], bool] | None = None) -> dict[str, QuantLinear]:
     """Replace each `nn.Linear` (for which `include(name, module)` holds) by a trainable QuantLinear, in place."""
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and (include is None or include(name, m))]
-    replaced = {}
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        replaced[name] = QuantLinear.from_linear(linear, bits, group_size)
-        setattr(parent, child, replaced[name])
-    return replaced
+    return {name: replace_module(model, name, QuantLinear.from_linear(linear, bits, group_size))
+            for name, linear in targets}
 
 
 def pack_all(model: nn.Module) -> int:

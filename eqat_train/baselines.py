@@ -1,23 +1,46 @@
 """Baselines through the same block driver, quantizer and packer: RTN (min-max) and GPTQ."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from eqat_kernels import QuantLinear, quantizer
 
-from .blockwise import ActivationStore, BlockContext, observe_linear_inputs, swap_in_trainable
+from .activations import INFER_BATCH, ActivationStore, BlockContext, observe_linear_inputs
+from .blockwise import BlockData, BlockwiseConfig
+from .models import swap_in_trainable
+from .configs import option
 
 
-def make_rtn(bits: int, group_size: int):
-    def quantize_block(index, block, ctx, q_in, fp_out, extras) -> dict:
-        for m in swap_in_trainable(block, bits, group_size).values():
+@dataclass
+class RTNConfig(BlockwiseConfig):
+    """Round to nearest: per-group min-max scales and zero points, no data."""
+
+    method = "rtn"
+    needs_inputs = False
+
+    def quantize_block(self, data: BlockData) -> dict:
+        for m in swap_in_trainable(data.block, self.bits, self.group_size).values():
             m.pack()
         return {}
 
-    quantize_block.needs_inputs = False
-    return quantize_block
+
+@dataclass
+class GPTQConfig(BlockwiseConfig):
+    """GPTQ: column-by-column rounding with the Hessian of the layer's calibration inputs."""
+
+    method = "gptq"
+    needs_targets = False
+
+    damp: float = option(0.01, "GPTQ dampening, relative to the mean Hessian diagonal")
+
+    def quantize_block(self, data: BlockData) -> dict:
+        hessians = _hessians(data.block, data.ctx, data.inputs, INFER_BATCH, data.bf16)
+        for name, layer in swap_in_trainable(data.block, self.bits, self.group_size).items():
+            gptq_quantize(layer, hessians[name], self.damp)
+        return {}
 
 
 @torch.no_grad()
@@ -43,7 +66,7 @@ def _hessians(block: nn.Module, ctx: BlockContext, q_in: ActivationStore, batch:
 
 
 @torch.no_grad()
-def gptq_quantize(layer: QuantLinear, hessian: torch.Tensor, damp: float = 0.01, block: int = 128) -> None:
+def gptq_quantize(layer: QuantLinear, hessian: torch.Tensor, damp: float, block: int = 128) -> None:
     """GPTQ (Frantar et al.) on a trainable QuantLinear: per-group min-max scales computed on the
     error-updated weights as each group starts, codes with our quantizer; then pack()."""
     spec = layer.spec
@@ -67,9 +90,8 @@ def gptq_quantize(layer: QuantLinear, hessian: torch.Tensor, damp: float = 0.01,
             if col % spec.group == 0:
                 g_end = min(col + spec.group, k_total)
                 seg = torch.cat([w1[:, j:], w[:, b1:g_end]], dim=1)[:, : g_end - col]
-                wmax, wmin = seg.amax(1).clamp_min(0), seg.amin(1).clamp_max(0)
-                s = ((wmax - wmin) / spec.qmax).clamp(quantizer.SCALE_MIN, quantizer.SCALE_MAX)
-                scales[g], zeros[g] = s, torch.round(-wmin / s)
+                # GPTQ's range always includes 0
+                scales[g], zeros[g] = quantizer.range_scale_zero(seg.amin(1).clamp_max(0), seg.amax(1).clamp_min(0), spec)
             s, z = scales[g], zeros[g]
             q = torch.clamp(torch.round(w1[:, j] / s) + z, 0, spec.qmax)
             deq = (q - z) * s
@@ -97,17 +119,3 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
             continue
     raise ValueError("GPTQ: the layer's Hessian is not positive definite even with 1000x dampening "
                      "(calibration activations degenerate?)")
-
-
-def make_gptq(bits: int, group_size: int, damp: float = 0.01, bf16: bool = False):
-    def quantize_block(index, block, ctx, q_in, fp_out, extras) -> dict:
-        hessians = _hessians(block, ctx, q_in, 8, bf16)
-        layers = swap_in_trainable(block, bits, group_size)
-        for name, layer in layers.items():
-            gptq_quantize(layer, hessians[name], damp)
-        return {}
-
-    quantize_block.needs_targets = False
-    return quantize_block
-
-

@@ -16,14 +16,17 @@ Differences from the published recipe, each an option measured in the README:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from eqat_kernels import QuantLinear
+from eqat_kernels import compute_path
 
-from .blockwise import ActivationStore, BlockContext, observe_linear_inputs, swap_in_trainable
+from .activations import ActivationStore, observe_linear_inputs
+from .blockwise import BlockData, BlockwiseConfig
+from .models import swap_in_trainable
+from .configs import LR_RETRY_FACTOR, option, published_lr
 
 
 INITS = ("minmax", "clip", "clip_act")
@@ -35,35 +38,40 @@ def default_init(bits: int) -> str:
 
 
 @dataclass
-class BlockAPConfig:
-    bits: int = 2
-    group_size: int = 64
-    epochs: int = 1
-    lr_scales: float = 1e-4  # scales and zero points (published)
-    lr_weights: float | None = None  # published: 2e-5 for 2-bit, 1e-5 for 3/4-bit
-    lr_scale: float = 200.0  # multiplies the weight learning rate: the step-budget correction
-    lr_scale_quant: float = 25.0  # multiplies the scale/zero learning rate
-    loss: str = "token"  # "token" (per-token normalised) or "mse" (published)
-    init: str | None = None  # "minmax" (published), "clip" (per-group clip search), "clip_act" (weighted by
-    # inputs); None: default_init(bits)
-    bf16: bool = True
-    train_norms: bool = True
-    seed: int = 0
+class BlockAPConfig(BlockwiseConfig):
+    """Block-AP: every weight, scale and zero point of a block trained to reproduce the fp block's output."""
+
+    method = "block_ap"
+
+    epochs: int = option(1, "Block-AP passes over the calibration windows per block")
+    batch_size: int = option(2, "Block-AP windows per training step")
+    lr_scales: float = option(1e-4, "Block-AP scale/zero-point learning rate before lr_scale_quant (published)")
+    lr_weights: float | None = option(None, "Block-AP weight learning rate before lr_scale (default: published, "
+                                            "2e-5 at 2 bits, 1e-5 at 3/4 bits)")
+    lr_scale: float = option(200.0, "multiplies the Block-AP weight learning rate: the step-budget correction")
+    lr_scale_quant: float = option(25.0, "multiplies the Block-AP scale/zero learning rate")
+    loss: str = option("token", "Block-AP loss: token (each token's squared error over its target's energy) or "
+                                "mse (published)", choices=("token", "mse"))
+    init: str | None = option(None, "Block-AP start: clip_act (per-group clip search weighted by input energy; "
+                                    "default at 2/3 bits), clip (unweighted), minmax (published; default at 4 bits)",
+                              choices=INITS)
+    train_norms: bool = option(True, "also train the block's norm weights (with the weight learning rate)")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.lr_weights is None:
-            self.lr_weights = 2e-5 if self.bits == 2 else 1e-5
+            self.lr_weights = published_lr(self.bits)
         if self.loss not in ("token", "mse"):
             raise ValueError(f"loss must be 'token' or 'mse', got {self.loss!r}")
         if self.init is None:
             self.init = default_init(self.bits)
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
 
-    def as_dict(self) -> dict:
-        return {"method": "block_ap", **asdict(self)}
+    def quantize_block(self, data: BlockData) -> dict:
+        return train_block(self, data)
 
 
 def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -88,19 +96,16 @@ def _eval_loss(block, ctx, inputs: ActivationStore | None, targets: ActivationSt
     return total / len(inputs)
 
 
-LR_RETRY_FACTOR = 0.1
-
-
 class DivergedError(ArithmeticError):
     """A non-finite training loss: the caller restores the last good state and retries once."""
 
 
-def _train(block, ctx, q_in, fp_out, groups, cfg: BlockAPConfig, batch: int, steps_per_epoch: int, total: int,
+def _train(block, ctx, q_in, fp_out, groups, cfg: BlockAPConfig, bf16: bool, steps_per_epoch: int, total: int,
            lr_factor: float, index: int) -> float:
     """One training run of a block from its current state; raises DivergedError on a non-finite loss."""
     opt = torch.optim.AdamW([{**g, "lr": g["lr"] * lr_factor} for g in groups], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_to_twentieth(s, total))
-    n = len(q_in)
+    n, batch = len(q_in), cfg.batch_size
     train_loss = float("nan")
     block.train()
     for _ in range(cfg.epochs):
@@ -112,7 +117,7 @@ def _train(block, ctx, q_in, fp_out, groups, cfg: BlockAPConfig, batch: int, ste
             if not (torch.isfinite(x).all() and torch.isfinite(target).all()):
                 raise ValueError(f"Block-AP block {index}: the activations reaching this block contain NaN/Inf "
                                  "(does the fp model itself overflow on this text, e.g. in fp16?)")
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out = ctx.call(block, x)
             loss = block_loss(out.float(), target, cfg.loss)
             if not torch.isfinite(loss):
@@ -126,60 +131,56 @@ def _train(block, ctx, q_in, fp_out, groups, cfg: BlockAPConfig, batch: int, ste
     return train_loss
 
 
-def make_block_ap(cfg: BlockAPConfig):
-    """The per-block step of BlockwiseRun: swap in trainable QuantLinears, train, pack."""
-
-    def quantize_block(index: int, block: nn.Module, ctx: BlockContext, q_in: ActivationStore,
-                       fp_out: ActivationStore, extras: dict) -> dict:
-        batch = extras["batch_size"]
-        importance = input_energy(block, ctx, q_in, batch) if cfg.init == "clip_act" else None
-        init = "clip" if cfg.init == "clip_act" else cfg.init
-        layers = swap_in_trainable(block, cfg.bits, cfg.group_size, init, importance)
-        block.float()
-        quant_params = [p for m in layers.values() for p in (m.scales, m.zeros)]
-        weights = [m.weight for m in layers.values()] + [m.bias for m in layers.values() if m.bias is not None]
-        quant_ids = {id(p) for p in quant_params + weights}
-        others = [p for p in block.parameters() if id(p) not in quant_ids]
-        for p in others:
-            p.requires_grad_(cfg.train_norms)
-        groups = [{"params": quant_params, "lr": cfg.lr_scales * cfg.lr_scale_quant},
-                  {"params": weights + (others if cfg.train_norms else []), "lr": cfg.lr_weights * cfg.lr_scale}]
-        n = len(q_in)
-        steps_per_epoch = math.ceil(n / batch)
-        total = cfg.epochs * steps_per_epoch
-        val_before = _eval_loss(block, ctx, extras["val_in"], extras["val_out"], cfg.loss, batch)
-        start = {k: v.detach().clone() for k, v in block.state_dict().items()}
-        rng_state = torch.get_rng_state()
-        retried = False
-        for lr_factor in (1.0, LR_RETRY_FACTOR):
-            try:
-                train_loss = _train(block, ctx, q_in, fp_out, groups, cfg, batch, steps_per_epoch, total, lr_factor, index)
-                break
-            except DivergedError as e:
-                if retried:
-                    raise FloatingPointError(f"Block-AP block {index} diverged again at {LR_RETRY_FACTOR}x the "
-                                             f"learning rate ({e}); lower --lr-scale/--lr-scale-quant or use --no-bf16") from None
-                print(f"Block-AP block {index}: {e}; restoring the block and retrying at {LR_RETRY_FACTOR}x the lr")
-                block.load_state_dict(start)
-                torch.set_rng_state(rng_state)
-                retried = True
-        block.eval()
-        for p in block.parameters():
-            p.requires_grad_(False)
-        val_after = _eval_loss(block, ctx, extras["val_in"], extras["val_out"], cfg.loss, batch)
-        # Training can overfit a small calibration set; held-out windows decide, so a block never leaves
-        # Block-AP worse than its initialisation (NaN comparisons are False: no validation, keep training).
-        kept_init = val_after > val_before
-        if kept_init:
+def train_block(cfg: BlockAPConfig, data: BlockData) -> dict:
+    """Swap in trainable QuantLinears, train them on the block's reconstruction loss, pack."""
+    block, ctx, q_in, fp_out, index, batch = data.block, data.ctx, data.inputs, data.targets, data.index, cfg.batch_size
+    importance = input_energy(block, ctx, q_in, batch) if cfg.init == "clip_act" else None
+    init = "clip" if cfg.init == "clip_act" else cfg.init
+    layers = swap_in_trainable(block, cfg.bits, cfg.group_size, init, importance)
+    block.float()
+    quant_params = [p for m in layers.values() for p in (m.scales, m.zeros)]
+    weights = [m.weight for m in layers.values()] + [m.bias for m in layers.values() if m.bias is not None]
+    quant_ids = {id(p) for p in quant_params + weights}
+    others = [p for p in block.parameters() if id(p) not in quant_ids]
+    for p in others:
+        p.requires_grad_(cfg.train_norms)
+    groups = [{"params": quant_params, "lr": cfg.lr_scales * cfg.lr_scale_quant},
+              {"params": weights + (others if cfg.train_norms else []), "lr": cfg.lr_weights * cfg.lr_scale}]
+    steps_per_epoch = math.ceil(len(q_in) / batch)
+    total = cfg.epochs * steps_per_epoch
+    val_before = _eval_loss(block, ctx, data.val_inputs, data.val_targets, cfg.loss, batch)
+    start = {k: v.detach().clone() for k, v in block.state_dict().items()}
+    rng_state = torch.get_rng_state()
+    retried = False
+    for lr_factor in (1.0, LR_RETRY_FACTOR):
+        try:
+            train_loss = _train(block, ctx, q_in, fp_out, groups, cfg, data.bf16, steps_per_epoch, total, lr_factor,
+                                index)
+            break
+        except DivergedError as e:
+            if retried:
+                raise FloatingPointError(f"Block-AP block {index} diverged again at {LR_RETRY_FACTOR}x the "
+                                         f"learning rate ({e}); lower --lr-scale/--lr-scale-quant or use --no-bf16") from None
+            print(f"Block-AP block {index}: {e}; restoring the block and retrying at {LR_RETRY_FACTOR}x the lr")
             block.load_state_dict(start)
-            val_after = val_before
-        for m in layers.values():
-            m.pack()
-        val_packed = _eval_loss(_reference(block), ctx, extras["val_in"], extras["val_out"], cfg.loss, batch)
-        return {"train_loss": train_loss, "val_loss_init": val_before, "val_loss_trained": val_after,
-                "val_loss_packed": val_packed, "steps": total, "retried": retried, "kept_init": kept_init}
-
-    return quantize_block
+            torch.set_rng_state(rng_state)
+            retried = True
+    block.eval()
+    for p in block.parameters():
+        p.requires_grad_(False)
+    val_after = _eval_loss(block, ctx, data.val_inputs, data.val_targets, cfg.loss, batch)
+    # Training can overfit a small calibration set; held-out windows decide, so a block never leaves
+    # Block-AP worse than its initialisation (NaN comparisons are False: no validation, keep training).
+    kept_init = val_after > val_before
+    if kept_init:
+        block.load_state_dict(start)
+        val_after = val_before
+    for m in layers.values():
+        m.pack()
+    with compute_path(block, "reference"):
+        val_packed = _eval_loss(block, ctx, data.val_inputs, data.val_targets, cfg.loss, batch)
+    return {"train_loss": train_loss, "val_loss_init": val_before, "val_loss_trained": val_after,
+            "val_loss_packed": val_packed, "steps": total, "retried": retried, "kept_init": kept_init}
 
 
 IMPORTANCE_WINDOWS = 16
@@ -196,10 +197,3 @@ def input_energy(block: nn.Module, ctx, q_in: ActivationStore, batch: int) -> di
 
     observe_linear_inputs(block, ctx, q_in, batch, accumulate, windows=IMPORTANCE_WINDOWS)
     return {name: total / total.mean().clamp_min(1e-12) for name, total in sums.items()}
-
-
-def _reference(block: nn.Module) -> nn.Module:
-    for m in block.modules():
-        if isinstance(m, QuantLinear):
-            m.backend = "reference"
-    return block

@@ -7,128 +7,63 @@ state and the next block's inputs go to disk atomically, so a killed run continu
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from eqat_kernels import QuantLinear
+from eqat_kernels import compute_path
 
 from . import runstate
+from .activations import INFER_BATCH, ActivationStore, BlockContext, capture_block_inputs, run_block
+from .configs import option
 from .faults import crash_point
-from .models import block_linears, find_blocks
-
-FP16_SAFE_MAX = 60000.0
-INFER_BATCH = 8  # windows per no-grad block pass: bigger matmuls, same results per window
-
-
-class _StopForward(Exception):
-    pass
+from .models import find_blocks, swap_in_empty_quant_linears
 
 
 @dataclass
-class BlockContext:
-    """How to call one block standalone: the non-hidden-state arguments captured at block 0."""
+class BlockData:
+    """What a block-wise method gets for block `index`: the block, how to call it, and its data."""
 
-    kwargs: dict
-
-    def call(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        out = block(hidden, **_expand_batch(self.kwargs, hidden.shape[0]))
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _expand_batch(value, batch: int):
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1 and batch > 1:
-        return value.expand(batch, *value.shape[1:])
-    if isinstance(value, (tuple, list)):
-        return type(value)(_expand_batch(v, batch) for v in value)
-    if isinstance(value, dict):
-        return {k: _expand_batch(v, batch) for k, v in value.items()}
-    return value
+    index: int
+    block: nn.Module
+    ctx: BlockContext | None
+    inputs: ActivationStore | None  # calibration activations through the already-quantized blocks
+    targets: ActivationStore | None  # the fp block's outputs on fp inputs
+    val_inputs: ActivationStore | None
+    val_targets: ActivationStore | None
+    bf16: bool  # run passes under bf16 autocast
 
 
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, BlockContext]:
-    """Hidden states entering block 0 for every window `[n, L, H]` (fp32), and the block call arguments."""
-    _, blocks = find_blocks(model)
-    captured: list[torch.Tensor] = []
-    context: dict = {}
+@dataclass
+class BlockwiseConfig:
+    """A block-wise method (Block-AP, RTN, GPTQ): its settings, and the step the driver calls per block.
 
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(hidden.detach().float())
-        if not context:
-            context.update({k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")})
-        raise _StopForward
+    A method declares what data it needs; the driver skips the passes it would waste (RTN needs no
+    activations, GPTQ only the inputs)."""
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for i in range(windows.shape[0]):
-            try:
-                model(windows[i:i + 1], use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return torch.cat(captured), BlockContext(context)
+    method: ClassVar[str]
+    needs_inputs: ClassVar[bool] = True
+    needs_targets: ClassVar[bool] = True
 
+    bits: int = option(2, "bits per weight: 2, 3, 4 (or 8)")
+    group_size: int = option(64, "input features per scale/zero group: 32, 64, 128, 256, or -1 (one per row)")
 
-class ActivationStore:
-    """`[n, L, H]` activations in fp16 (fp32 if values exceed fp16's range), in RAM or memory-mapped on disk."""
+    def __post_init__(self):
+        from eqat_kernels.spec import check_bits, check_group_size
 
-    def __init__(self, values: torch.Tensor, path: Path | None = None, dtype: str = "float16"):
-        if dtype == "float16" and values.numel() and values.abs().max().item() > FP16_SAFE_MAX:
-            dtype = "float32"
-        if path is None:
-            self.data = values.detach().numpy().astype(dtype) if values.dtype != torch.bfloat16 else values.float().numpy().astype(dtype)
-        else:
-            tmp = path.with_suffix(".tmp")
-            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(values.shape))
-            mm[:] = values.detach().float().numpy()
-            mm.flush()
-            del mm
-            os.replace(tmp, path)
-            self.data = np.load(path, mmap_mode="r")
+        check_bits(self.bits)  # fail before loading a model, not an hour into a run
+        check_group_size(self.group_size)
 
-    @classmethod
-    def open(cls, path: Path) -> "ActivationStore":
-        store = cls.__new__(cls)
-        store.data = runstate.open_array(path)
-        return store
+    def quantize_block(self, data: BlockData) -> dict:
+        """Replace `data.block`'s linears by packed QuantLinears; returns per-block statistics."""
+        raise NotImplementedError
 
-    def __len__(self) -> int:
-        return self.data.shape[0]
-
-    def get(self, index) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.data[index])).float()
-
-    def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(self.data))
-        os.replace(tmp, path)
-
-
-@torch.no_grad()
-def run_block(block: nn.Module, ctx: BlockContext, store: ActivationStore, batch_size: int,
-              bf16: bool = False) -> torch.Tensor:
-    """The block applied to every stored activation, batched; `bf16` autocasts the matmuls (~4x faster
-    on CPU: a pass over 128 x 512 tokens of a SmolLM2 block takes 7.7 s in fp32)."""
-    outs = []
-    for i in range(0, len(store), batch_size):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            outs.append(ctx.call(block, store.get(slice(i, i + batch_size))).float())
-    return torch.cat(outs)
-
-
-# A per-block step. It may set attributes `needs_inputs = False` (data-free, e.g. RTN) or
-# `needs_targets = False` (inputs only, e.g. GPTQ's Hessians) so the driver skips passes it would waste.
-BlockQuantizer = Callable[[int, nn.Module, BlockContext, ActivationStore, ActivationStore, dict], dict]
+    def as_dict(self) -> dict:
+        return {"method": self.method, **asdict(self)}
 
 
 @dataclass
@@ -136,21 +71,18 @@ class BlockwiseRun:
     """One block-wise quantization of `model` with `quantize_block`, resumable from `state_dir`."""
 
     model: nn.Module
-    bits: int
-    group_size: int
-    quantize_block: BlockQuantizer
-    options: dict
+    method: BlockwiseConfig
+    options: dict  # everything that must match for a saved state to be resumed
     state_dir: Path | None = None
     offload: bool = False
-    batch_size: int = 2
     bf16_passes: bool = False  # targets and propagation under bf16 autocast
+    seed: int = 0  # block i trains from torch.manual_seed(seed + i), resumed or not
     log: list[dict] = field(default_factory=list)
 
     def run(self, calib: torch.Tensor, val: torch.Tensor | None = None, progress: bool = True) -> list[dict]:
         _, blocks = find_blocks(self.model)
         start = self._resume(blocks)
-        needs_inputs = getattr(self.quantize_block, "needs_inputs", True)
-        needs_targets = getattr(self.quantize_block, "needs_targets", True)
+        needs_inputs, needs_targets = self.method.needs_inputs, self.method.needs_targets
         use_val = val is not None and needs_targets
         q_in = fp_in = qv_in = fv_in = None
         if needs_inputs and (start == 0 or self.state_dir is None):
@@ -166,24 +98,19 @@ class BlockwiseRun:
                                          for k in ("q_in", "fp_in", "qv_in", "fv_in"))
         else:
             ctx = None  # data-free method (RTN): no activations at all
-        bar = tqdm(range(start, len(blocks)), desc=f"{self.options.get('method', 'quantize')} w{self.bits}g{self.group_size}",
+        m = self.method
+        bar = tqdm(range(start, len(blocks)), desc=f"{m.method} w{m.bits}g{m.group_size}",
                    disable=not progress, initial=start, total=len(blocks))
         for i in bar:
             block = blocks[i]
             fp_out = self._store("fp_out", run_block(block, ctx, fp_in, INFER_BATCH, self.bf16_passes)) if fp_in is not None else None
             fv_out = self._store("fv_out", run_block(block, ctx, fv_in, INFER_BATCH, self.bf16_passes)) if fv_in is not None else None
-            torch.manual_seed(self.options.get("seed", 0) + i)  # same per block whether resumed or not
-            stats = self.quantize_block(i, block, ctx, q_in, fp_out,
-                                        {"val_in": qv_in, "val_out": fv_out, "batch_size": self.batch_size})
+            torch.manual_seed(self.seed + i)  # same per block whether resumed or not
+            stats = self.method.quantize_block(BlockData(i, block, ctx, q_in, fp_out, qv_in, fv_out, self.bf16_passes))
             if q_in is not None:
-                for m in block.modules():
-                    if isinstance(m, QuantLinear):
-                        m.backend = "reference"  # exact fp32 propagation
-                q_next = run_block(block, ctx, q_in, INFER_BATCH, self.bf16_passes)
-                qv_next = run_block(block, ctx, qv_in, INFER_BATCH, self.bf16_passes) if qv_in is not None else None
-                for m in block.modules():
-                    if isinstance(m, QuantLinear):
-                        m.backend = "auto"
+                with compute_path(block, "reference"):  # exact fp32 propagation
+                    q_next = run_block(block, ctx, q_in, INFER_BATCH, self.bf16_passes)
+                    qv_next = run_block(block, ctx, qv_in, INFER_BATCH, self.bf16_passes) if qv_in is not None else None
                 q_in, fp_in = self._store("q_in", q_next), fp_out
                 if qv_in is not None:
                     qv_in, fv_in = self._store("qv_in", qv_next), fv_out
@@ -199,7 +126,7 @@ class BlockwiseRun:
         return ActivationStore(values, path)
 
     def _fingerprint(self) -> str:
-        return runstate.fingerprint({"bits": self.bits, "group_size": self.group_size, **self.options})
+        return runstate.fingerprint({**self.method.as_dict(), **self.options})
 
     def _checkpoint(self, i: int, block: nn.Module, stores: dict) -> None:
         if self.state_dir is None:
@@ -226,7 +153,7 @@ class BlockwiseRun:
             raise ValueError(f"{path} says {done} blocks are done, but the model has {len(blocks)}; delete "
                              f"{self.state_dir} to start over")
         for i in range(done):
-            swap_in_empty_quant_linears(blocks[i], self.bits, self.group_size)
+            swap_in_empty_quant_linears(blocks[i], self.method.bits, self.method.group_size)
             saved = self.state_dir / f"block_{i:04d}.safetensors"
             try:
                 blocks[i].load_state_dict(runstate.load_tensors(saved))
@@ -235,45 +162,3 @@ class BlockwiseRun:
                                  f"{self.state_dir} to start over") from None
         self.log = progress["log"]
         return done
-
-
-@torch.no_grad()
-def observe_linear_inputs(block: nn.Module, ctx: BlockContext, inputs: ActivationStore, batch: int,
-                          observe: Callable[[str, torch.Tensor], None], windows: int | None = None,
-                          bf16: bool = False) -> None:
-    """Run `block` over the first `windows` of `inputs` (all by default), handing every linear's input to
-    `observe(name, x)`: the one hook mechanism behind GPTQ's Hessians and Block-AP's input energy."""
-    n = len(inputs) if windows is None else min(len(inputs), windows)
-    handles = [block.get_submodule(name).register_forward_pre_hook(
-        lambda module, args, name=name: observe(name, args[0])) for name in block_linears(block)]
-    try:
-        for i in range(0, n, batch):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                ctx.call(block, inputs.get(slice(i, min(i + batch, n))))
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _replace_linears(block: nn.Module, make: Callable[[str, nn.Linear], QuantLinear]) -> dict[str, QuantLinear]:
-    swapped = {}
-    for name, lin in block_linears(block).items():
-        parent, _, child = name.rpartition(".")
-        swapped[name] = make(name, lin)
-        setattr(block.get_submodule(parent) if parent else block, child, swapped[name])
-    return swapped
-
-
-def swap_in_empty_quant_linears(block: nn.Module, bits: int, group_size: int) -> dict[str, QuantLinear]:
-    """Replace a block's linears by packed QuantLinears of the same shapes, ready for load_state_dict."""
-    return _replace_linears(block, lambda name, lin: QuantLinear(
-        lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None,
-        dtype=torch.float16, device=lin.weight.device))
-
-
-def swap_in_trainable(block: nn.Module, bits: int, group_size: int, init: str = "minmax",
-                      importance: dict[str, torch.Tensor] | None = None) -> dict[str, QuantLinear]:
-    """Replace a block's linears by trainable QuantLinears initialised from them (`init`, see from_linear);
-    `importance` maps a linear's name in the block to its per-input-feature weight."""
-    return _replace_linears(block, lambda name, lin: QuantLinear.from_linear(
-        lin, bits, group_size, init, (importance or {}).get(name)))

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from eqat_kernels import QuantLinear
+from eqat_kernels import QuantLinear, replace_module
 from eqat_kernels.spec import QuantSpec
 
 from .faults import crash_point
@@ -186,8 +186,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | str = "auto") -> tuple
             tensors[f"{name}.g_idx"] = _check_g_idx(tensors[f"{name}.g_idx"], name, in_features)
         layer = QuantLinear(in_features, out_features, bits, group_size, bias=has_bias,
                             dtype=tensors[f"{name}.scales"].dtype, g_idx=has_g_idx)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        replace_module(model, name, layer)
     expected = set(model.state_dict().keys())
     tied = _tied_names(model)
     missing = sorted(expected - set(tensors) - tied)

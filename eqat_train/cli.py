@@ -11,112 +11,60 @@ import torch
 from .data import DEFAULT_EVAL_TEXTS
 
 
-
 def _add_quantize(sub) -> None:
-    p = sub.add_parser("quantize", help="quantize a model (default: embedded SmolLM2-135M, w2g64, Block-AP)")
-    p.add_argument("--model", help="model folder, .gguf file or Hub id (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--out", help="output folder (default: runs/<model>-w<b>g<g>-<method>)")
-    p.add_argument("--method", default="block_ap", choices=["block_ap", "rtn", "gptq"])
-    p.add_argument("--bits", type=int, default=2)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--text", help="calibration source: self (default: text the fp model writes itself, cached), stdlib, fortunes, code, "
-                        "licenses, a .txt/.jsonl file, hf:NAME, or a mixture such as self+stdlib")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--calib-windows", type=int, default=None, help="calibration windows (default 128)")
-    p.add_argument("--val-windows", type=int, default=4, help="held-out windows for per-block validation loss")
-    p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--eval-texts", nargs="*", default=list(DEFAULT_EVAL_TEXTS),
-                   help="texts to report fidelity on (never calibrated on); none: skip evaluation")
-    p.add_argument("--epochs", type=int, default=None, help="Block-AP epochs (default 1)")
-    p.add_argument("--lr-scale", type=float, default=None,
-                   help="Block-AP weight learning-rate multiplier over the published 2e-5/1e-5 (default 200)")
-    p.add_argument("--lr-scale-quant", type=float, default=None,
-                   help="Block-AP scale/zero learning-rate multiplier over the published 1e-4 (default 25)")
-    p.add_argument("--loss", choices=["token", "mse"], default="token")
-    p.add_argument("--init", choices=["clip_act", "clip", "minmax"], default=None,
-                   help="Block-AP start: per-group clip search weighted by input energy (default at 2/3 bits), "
-                        "unweighted, or min-max (default at 4 bits)")
-    p.add_argument("--no-bf16", action="store_true", help="train and run block passes in fp32 instead of bf16 autocast")
-    p.add_argument("--offload", action="store_true", help="keep cached activations memory-mapped on disk")
-    p.add_argument("--seed", type=int, default=0)
+    from .configs import RunConfig, add_flags
+    from .e2e_qp import E2EConfig
+    from .pipeline import METHODS
+
+    p = sub.add_parser("quantize", help="quantize a model (default: embedded SmolLM2-135M, w2g64, Block-AP, then E2E-QP)")
+    p.add_argument("--method", default="block_ap", choices=list(METHODS), help="block-wise stage (default: block_ap)")
+    add_flags(p, RunConfig)
+    add_flags(p, *METHODS.values())
     p.add_argument("--skip-e2e", action="store_true", help="stop after the block-wise stage (no E2E-QP)")
-    _add_e2e_options(p, prefix="e2e-")
-
-
-def _add_e2e_options(p, prefix: str) -> None:
-    from .pipeline import E2EOptions
-
-    d = E2EOptions()
-    p.add_argument(f"--{prefix}steps", type=int, default=d.steps, help=f"E2E-QP optimizer steps (default {d.steps})")
-    p.add_argument(f"--{prefix}batch-size", type=int, default=d.batch_size, help="examples per micro-batch per process")
-    p.add_argument(f"--{prefix}grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
-    p.add_argument(f"--{prefix}lr-scale", type=float, default=d.lr_scale,
-                   help="multiplier over the published E2E-QP lr (2e-5 for 2-bit, 1e-5 for 3/4-bit); "
-                        "default x20 for 2-bit, x50 for 3-bit, x20 for 4-bit")
-    p.add_argument(f"--{prefix}instruct", default=None,
-                   help="instruction-tuning JSONL ({prompt, response} or {messages}); loss on responses only")
-    p.add_argument(f"--{prefix}gradient-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument(f"--{prefix}save-every", type=int, default=d.save_every, help="steps between resumable saves")
-    from .e2e_qp import LOSSES
-
-    p.add_argument(f"--{prefix}loss", choices=LOSSES, default=d.loss,
-                   help="kl: distil from the fp model, KL(fp || quantized) over the vocabulary at every position "
-                        "(default); ce: next-token cross-entropy on the calibration text")
-
-
-def _e2e_options(args, prefix: str):
-    from .pipeline import E2EOptions
-
-    get = lambda name: getattr(args, prefix + name)  # noqa: E731
-    return E2EOptions(steps=get("steps"), batch_size=get("batch_size"), grad_accum=get("grad_accum"),
-                      lr_scale=get("lr_scale"), instruct=get("instruct"),
-                      gradient_checkpointing=get("gradient_checkpointing"), save_every=get("save_every"),
-                      loss=get("loss"))
+    add_flags(p, E2EConfig, prefix="e2e-")
 
 
 def _quantize(args) -> dict:
     import os
 
-    from .pipeline import QuantizeOptions, quantize
+    from .configs import RunConfig, build, given
+    from .e2e_qp import E2EConfig
+    from .pipeline import METHODS, quantize
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("eqat quantize runs in one process (the block-wise stage is sequential); "
                          "quantize with --skip-e2e, then run `torchrun ... eqat e2e CHECKPOINT` for data-parallel E2E-QP")
-    opts = QuantizeOptions(model=args.model, out=args.out, method=args.method, bits=args.bits,
-                           group_size=args.group_size, text=args.text, seq_len=args.seq_len,
-                           val_windows=args.val_windows, eval_windows=args.eval_windows, eval_texts=args.eval_texts,
-                           loss=args.loss, init=args.init, bf16=not args.no_bf16, offload=args.offload, seed=args.seed,
-                           e2e=None if args.skip_e2e else _e2e_options(args, "e2e_"))
-    for name in ("calib_windows", "epochs", "lr_scale", "lr_scale_quant"):
-        if getattr(args, name) is not None:
-            setattr(opts, name, getattr(args, name))
-    return quantize(opts)
+    stage_cls = METHODS[args.method]
+    foreign = {name for cls in METHODS.values() for name in given(args, cls)} - set(given(args, stage_cls))
+    if foreign:
+        flags = ", ".join("--" + n.replace("_", "-") for n in sorted(foreign))
+        raise ValueError(f"{flags} do(es) not apply to --method {args.method}")
+    if args.skip_e2e and given(args, E2EConfig, "e2e-"):
+        raise ValueError("--e2e-* options were given together with --skip-e2e")
+    return quantize(build(RunConfig, args), build(stage_cls, args),
+                    None if args.skip_e2e else build(E2EConfig, args, "e2e-"))
 
 
 def _add_e2e(sub) -> None:
+    from .configs import RunConfig, add_flags
+    from .e2e_qp import E2EConfig
+
     p = sub.add_parser("e2e", help="E2E-QP: train the scales of a packed checkpoint (torchrun for several processes)")
     p.add_argument("checkpoint", help="eqat/GPTQ-v2 folder to start from")
-    p.add_argument("--out", required=True, help="output folder for the trained checkpoint")
-    p.add_argument("--text", help="calibration source: self (default: text the fp model writes itself, cached), stdlib, fortunes, code, "
-                        "licenses, a .txt/.jsonl file, hf:NAME, or a mixture such as self+stdlib")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--calib-windows", type=int, default=128)
-    p.add_argument("--eval-windows", type=int, default=40)
-    p.add_argument("--eval-texts", nargs="*", default=list(DEFAULT_EVAL_TEXTS),
-                   help="texts to report fidelity on (never calibrated on); none: skip evaluation")
-    p.add_argument("--no-bf16", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--teacher", help="fp model the KL loss distils from (default: the source the checkpoint records)")
-    _add_e2e_options(p, prefix="")
+    add_flags(p, RunConfig, exclude=("offload",),
+              help_overrides={"model": "fp model to distil from and compare with (default: the source the "
+                                       "checkpoint records; folder, .gguf or Hub id)",
+                              "out": "output folder for the trained checkpoint (required)"})
+    add_flags(p, E2EConfig)
 
 
 def _e2e(args) -> dict:
+    from .configs import RunConfig, build
+    from .e2e_qp import E2EConfig
     from .pipeline import e2e
 
     with _distributed():
-        return e2e(args.checkpoint, args.out, _e2e_options(args, ""), text=args.text, seq_len=args.seq_len,
-                   calib_windows=args.calib_windows, eval_windows=args.eval_windows, eval_texts=args.eval_texts,
-                   bf16=not args.no_bf16, seed=args.seed, teacher=args.teacher)
+        return e2e(args.checkpoint, build(RunConfig, args), build(E2EConfig, args))
 
 
 class _distributed:

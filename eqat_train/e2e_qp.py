@@ -22,50 +22,51 @@ from tqdm import tqdm
 from eqat_kernels import QuantLinear
 
 from . import runstate
+from .configs import LR_RETRY_FACTOR, option, published_lr
 from .examples import Examples, collate
 from .fidelity import token_kl
 from .faults import crash_point
 
-LR_RETRY_FACTOR = 0.1
-# The published lr (2e-5 / 1e-5) assumes 128 steps of 32 x 4096 tokens; with ~24 steps of 2 x 512 tokens
-# the scales need larger steps. Measured on SmolLM2 (README, "E2E-QP design evidence"), choosing on the
-# second genre: w2g64 x20 of {20, 50, 100, 200} from today's Block-AP start (x200 had been best from the
-# weaker min-max start, and now overfits the calibration text); w3g128 x50 of {20, 50, 100}; w4g128 x20
-# of {20, 50} (x50 fits the calibration text further while the other genre got worse).
 LOSSES = ("kl", "ce")
+# The published lr (2e-5 / 1e-5) assumes 128 steps of 32 x 4096 tokens; with ~24 steps of 2 x 512 tokens
+# the scales need larger steps. Measured on SmolLM2 (docs/RESULTS.md, "E2E-QP design evidence").
 DEFAULT_LR_SCALE = {2: 20.0, 3: 50.0, 4: 20.0, 8: 20.0}
 
 
-@dataclass
+@dataclass(frozen=True)
 class E2EConfig:
-    """Defaults: published lr (2e-5 for 2-bit, 1e-5 for 3/4-bit) times `lr_scale`, cosine with 3% warm-up."""
+    """E2E-QP: steps x batch_size x grad_accum examples (calibration windows, or an instruction JSONL)."""
 
-
-    bits: int
-    steps: int = 24
-    batch_size: int = 1
-    grad_accum: int = 2
-    lr: float | None = None
-    lr_scale: float | None = None  # None: DEFAULT_LR_SCALE[bits]
-    warmup: float = 0.03
-    clip: float = 0.3
-    bf16: bool = True
-    gradient_checkpointing: bool = False
-    save_every: int = 16
-    seed: int = 0
-    loss: str = "kl"  # "kl": distil from the fp model, KL(fp || quantized) at every position; "ce": next-token
+    steps: int = option(24, "E2E-QP optimizer steps")
+    batch_size: int = option(1, "E2E-QP examples per micro-batch per process")
+    grad_accum: int = option(2, "E2E-QP micro-batches per step")
+    lr: float | None = option(None, "E2E-QP learning rate (default: published lr x lr_scale)")
+    lr_scale: float | None = option(None, "multiplier over the published E2E-QP lr (2e-5 for 2-bit, 1e-5 for 3/4-bit); "
+                                          f"default per bit-width {DEFAULT_LR_SCALE}")
+    warmup: float = option(0.03, "fraction of the steps with a linear warm-up before the cosine decay")
+    clip: float = option(0.3, "gradient-norm clip")
+    loss: str = option("kl", "kl: distil from the fp model, KL(fp || quantized) over the vocabulary at every "
+                             "position; ce: next-token cross-entropy on the calibration data", choices=LOSSES)
+    instruct: str | None = option(None, "instruction-tuning JSONL ({prompt, response} or {messages}) instead of "
+                                        "calibration windows; loss on the responses only")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, ~30% slower)")
+    save_every: int = option(8, "E2E-QP steps between resumable saves")
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"E2E-QP loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("E2E-QP needs steps, batch_size and grad_accum >= 1")
-        if self.lr_scale is None:
-            self.lr_scale = DEFAULT_LR_SCALE.get(self.bits, 50.0)
-        if self.lr is None:
-            self.lr = (2e-5 if self.bits == 2 else 1e-5) * self.lr_scale
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"E2E-QP learning rate must be a positive number, got {self.lr}")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.save_every < 1:
+            raise ValueError("E2E-QP needs steps, batch_size, grad_accum and save_every >= 1")
+        for name in ("lr", "lr_scale"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"E2E-QP {name} must be a positive number, got {value}")
+
+    def learning_rate(self, bits: int) -> float:
+        if self.lr is not None:
+            return self.lr
+        scale = self.lr_scale if self.lr_scale is not None else DEFAULT_LR_SCALE.get(bits, 50.0)
+        return published_lr(bits) * scale
 
     def as_dict(self) -> dict:
         return {"stage": "e2e_qp", **asdict(self)}
@@ -84,9 +85,7 @@ def trainable_scales(model: nn.Module) -> dict[str, nn.Parameter]:
         if isinstance(m, QuantLinear):
             if not m.is_packed:
                 raise ValueError(f"E2E-QP trains packed layers; {name} is still trainable (run Block-AP's pack first)")
-            m.scales.data = m.scales.data.float()
-            m.train_scales(True)
-            scales[f"{name}.scales"] = m.scales
+            scales[f"{name}.scales"] = m.train_scales(True, dtype=torch.float32).scales
     if not scales:
         raise ValueError("the model has no QuantLinear layers: quantize it (Block-AP, RTN or GPTQ) before E2E-QP")
     return scales
@@ -96,8 +95,13 @@ def freeze_scales(model: nn.Module, dtype: torch.dtype = torch.float16) -> None:
     """End of training: scales back to storage dtype and frozen (the checkpoint format stores fp16)."""
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.is_packed:
-            m.train_scales(False)
-            m.scales.data = m.scales.data.to(dtype)
+            m.train_scales(False, dtype=dtype)
+
+
+def model_bits(model: nn.Module) -> int | None:
+    """The bit-width of the model's QuantLinears, None if they mix several."""
+    bits = {m.spec.bits for m in model.modules() if isinstance(m, QuantLinear)}
+    return bits.pop() if len(bits) == 1 else None
 
 
 def token_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
@@ -125,15 +129,23 @@ class E2ETrainer:
     """Owns the model, optimizer, schedule and step state of one E2E-QP run."""
 
     def __init__(self, model: nn.Module, examples: Examples, cfg: E2EConfig, state_dir: Path | None = None,
-                 fingerprint_extra: dict | None = None, teacher: nn.Module | None = None):
-        """`teacher`: the fp model, required by the default KL loss."""
+                 fingerprint_extra: dict | None = None, teacher: nn.Module | None = None, bf16: bool = True,
+                 seed: int = 0):
+        """`teacher`: the fp model, required by the default KL loss. `bf16`: autocast the passes (fp32
+        master scales); `seed`: the data order."""
         self.model, self.examples, self.cfg, self.teacher = model, examples, cfg, teacher
+        self.bf16, self.seed = bf16, seed
         self.state_dir = Path(state_dir) if state_dir is not None else None
         self.rank, self.world = runstate.rank_world()
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
         if len(examples) < self.global_batch:
             raise ValueError(f"E2E-QP global batch is {self.global_batch} examples but only {len(examples)} were given")
         self.scales = trainable_scales(model)
+        self.bits = model_bits(model)
+        if self.bits is None and cfg.lr is None:
+            raise ValueError("E2E-QP's default learning rate depends on the bit-width and this model mixes several; "
+                             "pass lr explicitly")
+        self.lr = cfg.learning_rate(self.bits)
         if cfg.loss == "kl":
             if teacher is None:
                 raise ValueError("E2E-QP's default loss distils from the fp model: pass the teacher model "
@@ -141,23 +153,27 @@ class E2ETrainer:
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.scales.values(), lr=cfg.lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.scales.values(), lr=self.lr, weight_decay=0.0)
         self.step, self.log, self.lr_factor = 0, [], 1.0
         self._set_schedule()
-        self.fingerprint = runstate.fingerprint({**cfg.as_dict(), **(fingerprint_extra or {}), "examples": len(examples),
-                                         "world_batch": self.global_batch})
+        self.fingerprint = runstate.fingerprint({**self.settings(), **(fingerprint_extra or {}),
+                                                 "examples": len(examples), "world_batch": self.global_batch})
         self.ddp = None
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(model, device_ids=None if not _on_cuda(model) else [_device(model)])
 
+    def settings(self) -> dict:
+        """The config as this run resolved it (learning rate included), for the fingerprint and the checkpoint."""
+        return {**self.cfg.as_dict(), "lr": self.lr, "bf16": self.bf16, "seed": self.seed}
+
     # ----- data order ---------------------------------------------------------------------------
     def global_batch_indices(self, step: int) -> list[int]:
         """Examples of the whole global batch at `step`: a seeded permutation per pass over the data."""
         per_epoch = len(self.examples) // self.global_batch
         epoch, pos = divmod(step, per_epoch)
-        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
         return order[pos * self.global_batch:(pos + 1) * self.global_batch].tolist()
 
     def micro_batches(self, step: int) -> list[list[int]]:
@@ -172,7 +188,7 @@ class E2ETrainer:
         from transformers import get_cosine_schedule_with_warmup
 
         for g in self.optimizer.param_groups:
-            g["lr"] = g["initial_lr"] = self.cfg.lr * self.lr_factor
+            g["lr"] = g["initial_lr"] = self.lr * self.lr_factor
         self.schedule = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(self.cfg.warmup * self.cfg.steps),
                                                         self.cfg.steps, last_epoch=self.step - 1)
 
@@ -184,7 +200,7 @@ class E2ETrainer:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         device = _device(self.model)
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"e2e_qp w{self.cfg.bits}",
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"e2e_qp w{self.bits}",
                    disable=not progress or self.rank != 0)
         try:
             while self.step < self.cfg.steps:
@@ -233,7 +249,7 @@ class E2ETrainer:
             batch = {k: v.to(device) for k, v in collate(self.examples, idx).items()}
             no_sync = model.no_sync() if self.ddp is not None and j < len(micro) - 1 else contextlib.nullcontext()
             with no_sync:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     loss_sum, _ = (kl_loss_sum(model, self.teacher, batch) if self.cfg.loss == "kl"
                                    else token_loss_sum(model, batch))
                 (loss_sum / denom).backward()

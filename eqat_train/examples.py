@@ -88,12 +88,12 @@ def _tokenize_chat(tokenizer, messages: list[dict]) -> tuple[torch.Tensor, torch
     ids: list[int] = []
     labels: list[int] = []
     for i, m in enumerate(messages):
-        full = _render(tokenizer, messages[:i + 1], generation_prompt=False)
+        full = render_chat(tokenizer, messages[:i + 1], generation_prompt=False)
         if full[:len(ids)] != ids:
             raise ValueError("the tokenizer's chat template does not render conversations prefix-consistently; "
                              "use a tokenizer without one or prompt/response records")
         if m["role"] == "assistant":
-            prefix = _render(tokenizer, messages[:i], generation_prompt=True)
+            prefix = render_chat(tokenizer, messages[:i], generation_prompt=True)
             if full[:len(prefix)] != prefix or len(prefix) < len(ids):
                 raise ValueError("the chat template's generation prompt is not a prefix of the rendered reply")
             labels += [IGNORE] * (len(prefix) - len(ids)) + full[len(prefix):]
@@ -103,9 +103,15 @@ def _tokenize_chat(tokenizer, messages: list[dict]) -> tuple[torch.Tensor, torch
     return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+def render_chat(tokenizer, messages: list[dict], generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation: the tokenizer's chat template, or without one the "role: content" lines
+    of `_tokenize_plain` (what instruction tuning trains on) plus "assistant:" for a generation prompt.
+    The one renderer behind instruction data, `eqat generate/chat`, fidelity and self-generation."""
+    if not getattr(tokenizer, "chat_template", None):
+        ids = _tokenize_plain(tokenizer, messages)[0].tolist()
+        return ids + (tokenizer("assistant:", add_special_tokens=False).input_ids if generation_prompt else [])
     out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
-    if isinstance(out, dict) or hasattr(out, "input_ids"):
+    if isinstance(out, dict) or hasattr(out, "keys"):
         out = out["input_ids"]
     return list(out)
 

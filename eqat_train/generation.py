@@ -14,11 +14,9 @@ from torch import nn
 def prompt_ids(tokenizer, prompt: str | None = None, messages: list[dict] | None = None) -> torch.Tensor:
     """Token ids `[1, L]` of a plain prompt, or of a conversation rendered with the chat template."""
     if messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            return tokenizer(text, return_tensors="pt").input_ids
-        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-        return out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        from .examples import render_chat
+
+        return torch.tensor([render_chat(tokenizer, messages)])
     if not prompt:
         raise ValueError("generation needs a non-empty prompt")
     return tokenizer(prompt, return_tensors="pt").input_ids

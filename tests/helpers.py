@@ -63,3 +63,24 @@ def build_tiny_model_dir(path, family: str = "llama", seed: int = 0):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def run_quantize(method: str = "block_ap", e2e="default", progress: bool = False, **settings):
+    """`pipeline.quantize` with keyword settings sorted into RunConfig, the method's config and E2EConfig
+    (`e2e=None` skips E2E-QP; a dict gives E2EConfig fields)."""
+    from dataclasses import fields
+
+    from eqat_train.configs import RunConfig
+    from eqat_train.e2e_qp import E2EConfig
+    from eqat_train.pipeline import METHODS, quantize
+
+    stage_cls = METHODS[method]
+    run_keys = {f.name for f in fields(RunConfig)}
+    stage_keys = {f.name for f in fields(stage_cls)}
+    other_methods = {f.name for cls in METHODS.values() for f in fields(cls)}  # shared settings dicts
+    unknown = set(settings) - run_keys - other_methods
+    assert not unknown, f"not a RunConfig or {stage_cls.__name__} field: {unknown}"
+    run = RunConfig(**{k: v for k, v in settings.items() if k in run_keys})
+    stage = stage_cls(**{k: v for k, v in settings.items() if k in stage_keys})
+    cfg = None if e2e is None else E2EConfig(**({} if e2e == "default" else e2e))
+    return quantize(run, stage, cfg, progress=progress)

@@ -11,11 +11,14 @@ from torch import nn
 from eqat_kernels import QuantLinear, packing, quantizer
 from eqat_kernels.spec import QuantSpec
 from eqat_train import data, models
+from eqat_train.baselines import RTNConfig
+from eqat_train.block_ap import BlockAPConfig
 from eqat_train.checkpoint import load_quantized
 from eqat_train.cli import main as cli_main
+from eqat_train.configs import RunConfig
 from eqat_train.e2e_qp import E2EConfig, E2ETrainer
 from eqat_train.examples import Examples
-from eqat_train.pipeline import QuantizeOptions, quantize
+from helpers import run_quantize
 
 
 def _linear(k=64, n=32, fill=None):
@@ -62,11 +65,11 @@ LAYER = "model.layers.0.self_attn.q_proj"
 CASES = [
     ("bits=0", lambda c: QuantSpec(0, 32, 64, 32), ValueError, r"unsupported bits=0"),
     ("bits=1", lambda c: QuantLinear.from_linear(_linear(), 1, 32), ValueError, r"unsupported bits=1"),
-    ("bits=5", lambda c: QuantizeOptions(bits=5), ValueError, r"unsupported bits=5"),
+    ("bits=5", lambda c: BlockAPConfig(bits=5), ValueError, r"unsupported bits=5"),
     ("bits=9", lambda c: QuantSpec(9, 32, 64, 32), ValueError, r"unsupported bits=9"),
     ("bits='4' (string)", lambda c: QuantSpec("4", 32, 64, 32), ValueError, r"unsupported bits='4'"),
     ("group=0", lambda c: QuantSpec(4, 0, 64, 32), ValueError, r"unsupported group_size=0"),
-    ("group=-2", lambda c: QuantizeOptions(group_size=-2), ValueError, r"unsupported group_size=-2"),
+    ("group=-2", lambda c: RTNConfig(group_size=-2), ValueError, r"unsupported group_size=-2"),
     ("group=7", lambda c: QuantLinear.from_linear(_linear(), 4, 7), ValueError, r"unsupported group_size=7"),
     ("in_features off the packing unit", lambda c: QuantLinear.from_linear(_linear(k=48), 4, 32), ValueError,
      r"in_features=48 is not a multiple of 32"),
@@ -86,7 +89,7 @@ CASES = [
     ("empty calibration text", lambda c: data.load_text(str(_write(c, "empty.txt", ""))), ValueError, r"is empty"),
     ("text shorter than one window", lambda c: data.tokenize_windows(c["tok"], "a few words", 512), ValueError,
      r"fewer than one window of 512"),
-    ("zero calibration windows", lambda c: QuantizeOptions(calib_windows=0), ValueError, r"at least one window"),
+    ("zero calibration windows", lambda c: RunConfig(calib_windows=0), ValueError, r"at least one window"),
     ("window length 1", lambda c: data.tokenize_windows(c["tok"], "text", 1), ValueError, r"seq_len must be at least 2"),
     ("missing model path", lambda c: models.resolve_source(str(c["tmp"] / "nope.gguf")), FileNotFoundError,
      r"does not exist"),
@@ -113,12 +116,12 @@ CASES = [
      FileNotFoundError, r"pickle files are never loaded"),
     ("folder without config.json", lambda c: load_quantized(c["tmp"]), FileNotFoundError, r"no config.json"),
     ("output folder holding something else",
-     lambda c: quantize(QuantizeOptions(model=str(c["model"]), out=str(_write(c, "taken/notes.txt", "mine").parent))),
+     lambda c: run_quantize(model=str(c["model"]), out=str(_write(c, "taken/notes.txt", "mine").parent)),
      FileExistsError, r"is not an eqat checkpoint"),
     ("E2E-QP on an unquantized model",
      lambda c: E2ETrainer(nn.Sequential(nn.Linear(32, 32)), Examples.from_windows(torch.zeros(4, 8, dtype=torch.long)),
-                          E2EConfig(bits=2)), ValueError, r"no QuantLinear layers"),
-    ("E2E-QP negative learning rate", lambda c: E2EConfig(bits=2, lr=-1.0), ValueError, r"positive number"),
+                          E2EConfig()), ValueError, r"no QuantLinear layers"),
+    ("E2E-QP negative learning rate", lambda c: E2EConfig(lr=-1.0), ValueError, r"positive number"),
     ("instruction file with a broken line",
      lambda c: Examples.from_instructions(_write(c, "bad.jsonl", '{"prompt": "x"'), c["tok"]), ValueError,
      r"bad.jsonl:1 is not valid JSON"),
@@ -181,9 +184,9 @@ def test_nan_activations_in_calibration_are_named(tiny_model_dir, tmp_path):
     model.save_pretrained(broken)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(broken)
     with pytest.raises(ValueError, match="activations reaching this block contain NaN/Inf"):
-        quantize(QuantizeOptions(model=str(broken), out=str(tmp_path / "o"), bits=2, group_size=32, seq_len=32,
+        run_quantize(model=str(broken), out=str(tmp_path / "o"), bits=2, group_size=32, seq_len=32,
                                  calib_windows=4, val_windows=0, eval_windows=2, eval_texts=[], e2e=None,
-                                 text="stdlib"), progress=False)
+                                 text="stdlib")
     with pytest.raises(ValueError, match="fp model's next-token logits contain NaN/Inf"):  # self-generation
-        quantize(QuantizeOptions(model=str(broken), out=str(tmp_path / "o2"), bits=2, group_size=32, seq_len=32,
-                                 calib_windows=4, val_windows=0, eval_windows=2, eval_texts=[], e2e=None), progress=False)
+        run_quantize(model=str(broken), out=str(tmp_path / "o2"), bits=2, group_size=32, seq_len=32,
+                                 calib_windows=4, val_windows=0, eval_windows=2, eval_texts=[], e2e=None)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from eqat_train.checkpoint import load_quantized
 from eqat_train.cli import main as cli_main
-from eqat_train.pipeline import QuantizeOptions, quantize
+from helpers import run_quantize
 
 TINY = dict(bits=3, group_size=32, seq_len=32, calib_windows=4, val_windows=0, eval_windows=2, eval_texts=[])
 
@@ -16,7 +16,7 @@ TINY = dict(bits=3, group_size=32, seq_len=32, calib_windows=4, val_windows=0, e
 @pytest.fixture(scope="module")
 def checkpoint(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "rtn"
-    quantize(QuantizeOptions(model=str(tiny_model_dir), out=str(out), method="rtn", **TINY), progress=False)
+    run_quantize(model=str(tiny_model_dir), out=str(out), method="rtn", **TINY)
     return out
 
 
@@ -75,7 +75,7 @@ def test_unknown_format_truncated_file_and_pickles_are_refused(checkpoint, tmp_p
 
 def test_offloaded_activations_give_the_same_checkpoint(tiny_model_dir, checkpoint, tmp_path):
     out = tmp_path / "offload"
-    quantize(QuantizeOptions(model=str(tiny_model_dir), out=str(out), method="rtn", offload=True, **TINY), progress=False)
+    run_quantize(model=str(tiny_model_dir), out=str(out), method="rtn", offload=True, **TINY)
     a, b = load_file(checkpoint / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
 

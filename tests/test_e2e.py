@@ -15,7 +15,8 @@ from eqat_train import data, evaluate
 from eqat_train.checkpoint import load_quantized
 from eqat_train.e2e_qp import E2EConfig, E2ETrainer, kl_loss_sum, token_loss_sum
 from eqat_train.examples import IGNORE, Examples, collate
-from eqat_train.pipeline import E2EOptions, e2e
+from eqat_train.configs import RunConfig
+from eqat_train.pipeline import e2e
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -30,7 +31,7 @@ def test_e2e_trains_only_scales_and_lowers_held_out_loss(tiny_packed_dir):
     held_out, train = _windows(tok)
     before = {n: t.clone() for n, t in model.state_dict().items()}
     ppl0 = evaluate.perplexity(model, held_out, progress=False)
-    log = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=24, lr=2e-3, bf16=False, loss="ce")).train(False)
+    log = E2ETrainer(model, Examples.from_windows(train), E2EConfig(steps=24, lr=2e-3, loss="ce"), bf16=False).train(False)
     ppl1 = evaluate.perplexity(model, held_out, progress=False)
     after = model.state_dict()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -62,7 +63,7 @@ def test_scale_gradients_match_a_dense_dequantized_model(tiny_packed_dir):
     model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
     _, train = _windows(tok)
     batch = collate(Examples.from_windows(train), [0, 1])
-    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=1, bf16=False, loss="ce"))
+    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(steps=1, loss="ce"), bf16=False)
     loss, _ = token_loss_sum(model, batch)
     loss.backward()
     fused = {n: p.grad.clone() for n, p in trainer.scales.items()}
@@ -85,7 +86,7 @@ def test_kl_distillation_gradients_match_autograd_through_a_dense_model(tiny_pac
     model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
     _, train = _windows(tok)
     batch = collate(Examples.from_windows(train), [0, 1])
-    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=1, bf16=False), teacher=teacher)
+    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(steps=1), teacher=teacher, bf16=False)
     loss, count = kl_loss_sum(model, teacher, batch)
     assert count == 2 * 31 and loss.item() > 0
     loss.backward()
@@ -102,14 +103,14 @@ def test_kl_distillation_gradients_match_autograd_through_a_dense_model(tiny_pac
         torch.testing.assert_close(fused[name], s.grad, rtol=1e-3, atol=1e-5 * s.grad.abs().max().item())
     assert kl_loss_sum(teacher, teacher, batch)[0].abs().item() < 1e-4
     with pytest.raises(ValueError, match="distils from the fp model"):
-        E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=1))
+        E2ETrainer(model, Examples.from_windows(train), E2EConfig(steps=1))
 
 
 def test_bf16_autocast_runs_forward_and_backward_in_bf16_close_to_fp32(tiny_packed_dir):
     model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
     _, train = _windows(tok)
     batch = collate(Examples.from_windows(train), [0])
-    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(bits=2, steps=1, loss="ce"))
+    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(steps=1, loss="ce"))
     grads = []
     for bf16 in (False, True):
         for p in trainer.scales.values():
@@ -158,8 +159,9 @@ def test_e2e_on_instruction_data_end_to_end(tiny_packed_dir, tmp_path):
               ("set", "An unordered collection of unique items.")]
     path.write_text("".join(json.dumps({"prompt": f"What is a {k}?", "response": v}) + "\n" for k, v in topics))
     out = tmp_path / "sft"
-    res = e2e(str(tiny_packed_dir), str(out), E2EOptions(steps=6, grad_accum=2, lr_scale=50, instruct=str(path)),
-              seq_len=32, calib_windows=8, eval_windows=4, eval_texts=["stdlib"], progress=False)
+    res = e2e(str(tiny_packed_dir), RunConfig(out=str(out), seq_len=32, calib_windows=8, eval_windows=4,
+                                              eval_texts=["stdlib"]),
+              E2EConfig(steps=6, grad_accum=2, lr_scale=50, instruct=str(path)), progress=False)
     assert res["e2e"][-1]["loss"] < res["e2e"][0]["loss"]
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert q["eqat"]["stages"] == ["rtn", "e2e_qp"] and q["eqat"]["e2e_qp"]["instruct"] == str(path)

@@ -15,7 +15,7 @@ import eqat_train.e2e_qp as e2e_qp
 from eqat_train.checkpoint import load_quantized, save_quantized
 from eqat_train.e2e_qp import E2EConfig, E2ETrainer
 from eqat_train.examples import Examples
-from eqat_train.pipeline import QuantizeOptions, quantize
+from helpers import run_quantize
 
 TINY = dict(bits=2, group_size=32, seq_len=32, calib_windows=8, val_windows=0, eval_windows=2, eval_texts=[])
 
@@ -35,7 +35,7 @@ def _nan_on_calls(fn, bad_calls):
 
 def test_block_ap_divergence_restores_the_block_and_retries_at_lower_lr(tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(block_ap, "block_loss", _nan_on_calls(block_ap.block_loss, {3}))
-    res = quantize(QuantizeOptions(model=str(tiny_model_dir), out=str(tmp_path / "a"), e2e=None, **TINY), progress=False)
+    res = run_quantize(model=str(tiny_model_dir), out=str(tmp_path / "a"), e2e=None, **TINY)
     assert [b["retried"] for b in res["blocks"]] == [True, False, False, False]
     assert all(torch.isfinite(torch.tensor(b["train_loss"])) for b in res["blocks"])
     assert "retrying at 0.1x the lr" in capsys.readouterr().out
@@ -44,7 +44,7 @@ def test_block_ap_divergence_restores_the_block_and_retries_at_lower_lr(tiny_mod
 def test_block_ap_that_diverges_twice_stops_with_a_message(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(block_ap, "block_loss", _nan_on_calls(block_ap.block_loss, {"always"}))
     with pytest.raises(FloatingPointError, match="block 0 diverged again at 0.1x the learning rate"):
-        quantize(QuantizeOptions(model=str(tiny_model_dir), out=str(tmp_path / "b"), e2e=None, **TINY), progress=False)
+        run_quantize(model=str(tiny_model_dir), out=str(tmp_path / "b"), e2e=None, **TINY)
 
 
 def _trainer(tiny_packed_dir, steps=12):
@@ -52,8 +52,8 @@ def _trainer(tiny_packed_dir, steps=12):
 
     model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
     windows = data.tokenize_windows(tok, data.load_text(None), 32)[4:20]
-    return E2ETrainer(model, Examples.from_windows(windows), E2EConfig(bits=2, steps=steps, lr=1e-3, bf16=False,
-                                                                        save_every=4, loss="ce"))
+    return E2ETrainer(model, Examples.from_windows(windows), E2EConfig(steps=steps, lr=1e-3, save_every=4, loss="ce"),
+                      bf16=False)
 
 
 def test_e2e_divergence_restores_the_last_saved_step_and_retries(tiny_packed_dir, monkeypatch):

@@ -52,11 +52,11 @@ def test_quantized_model_report(tiny_packed_dir, tiny):
 def test_evaluation_and_calibration_overlap_is_named(tiny_model_dir, tmp_path, capsys):
     assert data.overlapping_texts("self+stdlib", ["stdlib", "fortunes", "code"]) == ["stdlib"]
     assert data.overlapping_texts("self", ["stdlib", "code"]) == []
-    from eqat_train.pipeline import QuantizeOptions, quantize
+    from helpers import run_quantize
 
-    quantize(QuantizeOptions(model=str(tiny_model_dir), out=str(tmp_path / "o"), method="rtn", bits=4, group_size=32,
+    run_quantize(model=str(tiny_model_dir), out=str(tmp_path / "o"), method="rtn", bits=4, group_size=32,
                              seq_len=32, calib_windows=2, val_windows=0, eval_windows=2, eval_texts=["stdlib"],
-                             text="stdlib", fidelity=False, e2e=None), progress=False)
+                             text="stdlib", fidelity=False, e2e=None)
     assert "WARNING: evaluation text(s) ['stdlib'] are also calibration sources" in capsys.readouterr().err
 
 

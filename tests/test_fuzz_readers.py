@@ -12,7 +12,7 @@ import torch
 from eqat_train import data, models, runstate
 from eqat_train.checkpoint import load_quantized
 from eqat_train.examples import Examples
-from eqat_train.pipeline import QuantizeOptions, quantize
+from helpers import run_quantize
 
 TINY = dict(seq_len=32, calib_windows=4, val_windows=0, eval_windows=2, eval_texts=[], e2e=None)
 FLIPS = 12
@@ -47,8 +47,7 @@ def assert_clean(read, path, raw: bytes, seed: int = 0):
 @pytest.fixture(scope="module")
 def checkpoint(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("fuzz") / "rtn"
-    quantize(QuantizeOptions(model=str(tiny_model_dir), out=str(out), method="rtn", bits=4, group_size=32, **TINY),
-             progress=False)
+    run_quantize(model=str(tiny_model_dir), out=str(out), method="rtn", bits=4, group_size=32, **TINY)
     return out
 
 

@@ -12,7 +12,7 @@ from eqat_kernels.spec import QuantSpec
 from eqat_train.checkpoint import load_quantized
 from eqat_train.cli import main as cli_main
 from eqat_train.gguf_export import q4_1_blocks
-from eqat_train.pipeline import QuantizeOptions, quantize
+from helpers import run_quantize
 from helpers import build_tiny_model_dir, random_packed
 
 TINY = dict(seq_len=32, calib_windows=4, val_windows=0, eval_windows=2, eval_texts=[], e2e=None)
@@ -44,8 +44,7 @@ def test_q4_1_blocks_dequantize_to_eqat_weights(bits, group, k):
 def exported(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     ckpt = root / "w3g32"
-    quantize(QuantizeOptions(model=str(tiny_model_dir), out=str(ckpt), method="rtn", bits=3, group_size=32, **TINY),
-             progress=False)
+    run_quantize(model=str(tiny_model_dir), out=str(ckpt), method="rtn", bits=3, group_size=32, **TINY)
     out = root / "out" / "tiny-w3g32.gguf"
     assert cli_main(["export", str(ckpt), "--format", "gguf", "--out", str(out)]) == 0
     return ckpt, out
@@ -78,8 +77,7 @@ def test_checkpoint_from_a_gguf_source_exports_with_the_sources_metadata(exporte
     """GGUF in (the exported file as a source model), quantize, GGUF out: metadata copied field by field."""
     _, source = exported
     ckpt = tmp_path / "from-gguf"
-    quantize(QuantizeOptions(model=str(source), out=str(ckpt), method="rtn", bits=4, group_size=32, **TINY),
-             progress=False)
+    run_quantize(model=str(source), out=str(ckpt), method="rtn", bits=4, group_size=32, **TINY)
     out = tmp_path / "again.gguf"
     assert cli_main(["export", str(ckpt), "--out", str(out)]) == 0
     a, b = gguf.GGUFReader(source), gguf.GGUFReader(out)
@@ -94,8 +92,7 @@ def test_checkpoint_from_a_gguf_source_exports_with_the_sources_metadata(exporte
 def test_architectures_gguf_cannot_express_are_refused(tmp_path, capsys):
     model_dir = build_tiny_model_dir(tmp_path / "gpt2", "gpt2")
     ckpt = tmp_path / "gpt2-rtn"
-    quantize(QuantizeOptions(model=str(model_dir), out=str(ckpt), method="rtn", bits=4, group_size=32, **TINY),
-             progress=False)
+    run_quantize(model=str(model_dir), out=str(ckpt), method="rtn", bits=4, group_size=32, **TINY)
     assert cli_main(["export", str(ckpt), "--out", str(tmp_path / "x.gguf")]) == 2
     assert "GGUF export supports ['llama', 'mistral', 'qwen2'] models; 'gpt2'" in capsys.readouterr().err
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))

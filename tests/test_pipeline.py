@@ -14,7 +14,7 @@ from eqat_kernels import QuantLinear
 from eqat_train import data, evaluate
 from eqat_train.checkpoint import load_quantized
 from eqat_train.cli import main as cli_main
-from eqat_train.pipeline import QuantizeOptions, quantize
+from helpers import run_quantize
 
 TINY = dict(bits=2, group_size=32, seq_len=32, calib_windows=8, val_windows=2, eval_windows=4,
             eval_texts=["stdlib"], epochs=2, lr_scale=20.0, lr_scale_quant=20.0)
@@ -23,7 +23,7 @@ TINY = dict(bits=2, group_size=32, seq_len=32, calib_windows=8, val_windows=2, e
 @pytest.mark.parametrize("method", ["block_ap", "rtn", "gptq"])
 def test_quantize_save_load_eval(tiny_model_dir, tmp_path, method):
     out = tmp_path / method
-    results = quantize(QuantizeOptions(model=str(tiny_model_dir), out=str(out), method=method, **TINY), progress=False)
+    results = run_quantize(model=str(tiny_model_dir), out=str(out), method=method, **TINY)
     assert len(results["blocks"]) == 4
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert not out.with_name(out.name + ".partial").exists()
@@ -41,14 +41,12 @@ def test_quantize_save_load_eval(tiny_model_dir, tmp_path, method):
 
 def test_block_ap_lowers_every_blocks_validation_loss_below_its_start(tiny_model_dir, tmp_path):
     """Held-out windows, packed weights: training must beat the min-max (RTN) initialisation per block."""
-    opts = QuantizeOptions(model=str(tiny_model_dir), out=str(tmp_path / "bap"), init="minmax", **TINY)
-    minmax = quantize(opts, progress=False)["blocks"]
+    minmax = run_quantize(model=str(tiny_model_dir), out=str(tmp_path / "bap"), init="minmax", **TINY)["blocks"]
     for stats in minmax:
         assert stats["val_loss_packed"] < stats["val_loss_init"], stats
         assert not stats["kept_init"]
     # The default init starts every block lower, and a block never ends above its own start.
-    default = quantize(QuantizeOptions(model=str(tiny_model_dir), out=str(tmp_path / "bap-default"), **TINY),
-                       progress=False)["blocks"]
+    default = run_quantize(model=str(tiny_model_dir), out=str(tmp_path / "bap-default"), **TINY)["blocks"]
     assert default[0]["val_loss_init"] < minmax[0]["val_loss_init"]
     for stats in default:
         assert stats["val_loss_packed"] <= stats["val_loss_init"] * (1 + 1e-4), stats

@@ -6,9 +6,7 @@ so nothing is ever re-tuned inside a training step.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 DECODE_MAX_M = 8  # at or below this many rows the split-K GEMV beats tiles padded to 16 rows
 
@@ -76,12 +74,3 @@ def select_config(kernel: str, m: int, n: int, k: int, bits: int, group: int) ->
 
 def record_tuned(key: str, config: KernelConfig) -> None:
     _TUNED[key] = config
-
-
-def save_tuned(path: str | Path) -> None:
-    Path(path).write_text(json.dumps({k: asdict(v) for k, v in _TUNED.items()}, indent=1))
-
-
-def load_tuned(path: str | Path) -> None:
-    for key, value in json.loads(Path(path).read_text()).items():
-        _TUNED[key] = KernelConfig(**value)

@@ -1,7 +1,8 @@
 """Measure the curated configs once on the real GPU and remember the winner per shape bucket.
 
-Call `warmup` before training or serving (the CLI does it once per distinct layer shape); afterwards
-`select_config` only reads the table, so a training step never times or recompiles anything new.
+Call `warmup` once per distinct layer shape before training or serving on a GPU (the CLI does not call
+it: without it `select_config` takes the curated default); afterwards `select_config` only reads the
+table, so a training step never times or recompiles anything new. Winners live for the process.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Ahead-of-time builds for real GPUs on this CPU machine: every kernel, every shipped config,
-bits 2/3/4, fp16 and bf16, sm_80 and sm_90. Checks what only a build shows: cubin, tensor-core
-instructions, shared memory within A100's limit, and zero register spills after ptxas.
+"""Ahead-of-time builds for real GPUs on this CPU machine, from the launchers' real launches with the JIT's
+specialisation: every kernel and shipped config at bits 2/3/4, fp16 and bf16, sm_80 and sm_90a; and the
+launchers' own choices at group sizes 32/64/-1, fp32 master scales and fp32 activations. Checks what only
+a build shows: cubin, tensor-core instructions, shared memory within A100's limit, zero register spills.
 
 The builds run in a subprocess: the rest of the suite sets TRITON_INTERPRET=1, under which
 `@triton.jit` yields interpreter objects that cannot be compiled.
@@ -15,7 +16,7 @@ import pytest
 
 from eqat_kernels.triton_kernels.aot import SM80_MAX_SHARED_BYTES
 
-TENSOR_CORE_KERNELS = {"gemm", "grad_input", "grad_scales"}
+TENSOR_CORE_KERNELS = {"gemm_fwd", "grad_input", "grad_scales"}
 
 
 def _run_uninterpreted(code: str, tmp_path) -> str:
@@ -36,22 +37,39 @@ def report(tmp_path_factory):
         from eqat_kernels.triton_kernels.aot import main
 
         if __name__ == "__main__":  # the build pool spawns workers that re-import this file
-            sys.argv = ["aot", "--json", "report.json"]
+            sys.argv = ["aot", "--json", "report.json", "--variants"]
             main()
     """, tmp)
     return json.loads((tmp / "report.json").read_text())
 
 
 def test_every_kernel_and_target_was_built(report):
-    built = {(r["kernel"], r["arch"], r["bits"], r["dtype"]) for r in report}
-    kernels = {"gemm", "decode", "grad_input", "grad_scales", "dequantize", "splitk_reduce"}
-    assert built == {(k, a, b, d) for k in kernels for a in ("sm_80", "sm_90a") for b in (2, 3, 4)
-                     for d in ("float16", "bfloat16")}
+    shipped = {(r["kernel"], r["arch"], r["bits"], r["dtype"]) for r in report if r["group_size"] == 128
+               and r["scales_dtype"] == "float16" and r["dtype"] != "float32"}
+    kernels = {"gemm_fwd", "decode_splitk", "grad_input", "grad_scales", "dequantize", "splitk_reduce"}
+    assert shipped == {(k, a, b, d) for k in kernels for a in ("sm_80", "sm_90a") for b in (2, 3, 4)
+                       for d in ("float16", "bfloat16")}
+    variants = {(r["kernel"], r["group_size"], r["dtype"], r["scales_dtype"]) for r in report}
+    for kernel in ("gemm_fwd", "decode_splitk", "grad_input", "grad_scales"):
+        for group in (32, 64, -1):
+            assert (kernel, group, "float16", "float16") in variants, (kernel, group)
+        assert (kernel, 128, "bfloat16", "float32") in variants  # E2E-QP's fp32 master scales
+        assert (kernel, 128, "float32", "float32") in variants  # --no-bf16
+    assert {r["m"] for r in report if r["kernel"] == "decode_splitk"} >= {1, 4}
+
+
+def test_builds_are_specialised_as_the_jit_launcher_would(report):
+    """Aligned pointers and 16-divisible sizes carry tt.divisibility=16 (128-bit loads); M = 1 is a constant."""
+    for r in report:
+        marks = r["specialization"].split(",")
+        assert marks[0] == "D", r["kernel"]  # the first argument is always a pointer from torch's allocator
+        if r["kernel"] == "decode_splitk":
+            assert marks[6] == ("1" if r["m"] == 1 else "-"), r["specialization"]
 
 
 def test_builds_have_cubin_no_spills_and_fit_shared_memory(report):
     for r in report:
-        where = f"{r['kernel']} {r['config']} {r['arch']} b{r['bits']} {r['dtype']}"
+        where = f"{r['kernel']} {r['config']} {r['arch']} b{r['bits']} g{r['group_size']} {r['dtype']}/{r['scales_dtype']}"
         assert r["cubin_bytes"] > 0, where
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, f"register spills in {where}"
         assert 0 < r["registers"] <= 255, where
@@ -59,8 +77,9 @@ def test_builds_have_cubin_no_spills_and_fit_shared_memory(report):
 
 
 def test_matmul_kernels_use_tensor_cores(report):
+    """fp16/bf16 dots run on tensor cores; the fp32 path asks for exact ieee products (FMA) on purpose."""
     for r in report:
-        if r["kernel"] in TENSOR_CORE_KERNELS:
+        if r["kernel"] in TENSOR_CORE_KERNELS and r["dtype"] != "float32":
             ok = r["has_mma"] or (r["arch"] == "sm_90a" and r["has_wgmma"])
             assert ok, f"no mma/wgmma in {r['kernel']} {r['config']} {r['arch']} b{r['bits']} {r['dtype']}"
 

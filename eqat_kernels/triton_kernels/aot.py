@@ -1,31 +1,55 @@
-"""Ahead-of-time compilation for real GPUs on a machine without one.
+"""Ahead-of-time builds for real GPUs on a machine without one, exactly as the JIT launcher would build them.
 
-`triton.compile` lowers a kernel to PTX and cubin for a chosen target; the register count and spill
-bytes only appear after PTX assembly, so `ptxas -v` from the Triton wheel is run on the PTX as well.
-Used by the tests (every kernel, bits, dtype, sm_80/sm_90) and by anyone curating configs:
-`python -m eqat_kernels.triton_kernels.aot` prints the table. Must run without TRITON_INTERPRET.
+Each build starts from a real launch: the launcher in `ops.py` runs on CPU tensors of the target shape
+with `JITFunction.run` intercepted, so the arguments, grid, constexprs and launch options are the ones a
+GPU would see. The JIT's own binder (`create_function_from_signature` with the target's backend) then
+derives the specialisation it would apply (16-byte-aligned pointers and integers divisible by 16 as
+`tt.divisibility=16`, integers equal to 1 as constants), and `triton.compile` lowers that to PTX and
+cubin. `ptxas -v` from the Triton wheel gives registers and spills. Used by the tests and by
+`benchmarks/kernel_model.py`; `python -m eqat_kernels.triton_kernels.aot` prints the table. Must run
+without TRITON_INTERPRET.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import re
 import subprocess
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from . import kernels
-from .configs import KernelConfig, fit_block_k
+from ..spec import QuantSpec
+from . import ops
+from .configs import CANDIDATES, KernelConfig
 
 SM80_MAX_SHARED_BYTES = 166912  # 163 KiB opt-in per block on A100
-_TRITON_TYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One launcher call: which op, the shape, the quantization and dtypes, and the config (None: the
+    launcher's own choice)."""
+
+    op: str  # forward, grad_input, grad_scales, dequantize
+    m: int
+    n: int
+    k: int
+    bits: int
+    group_size: int = 128
+    act: str = "float16"
+    scales: str = "float16"
+    config: KernelConfig | None = None
 
 
 @dataclass
@@ -33,8 +57,15 @@ class BuildReport:
     kernel: str
     arch: str
     bits: int
+    group_size: int
     dtype: str
-    config: KernelConfig
+    scales_dtype: str
+    m: int
+    n: int
+    k: int
+    grid: list
+    config: dict
+    specialization: str  # per argument: D (divisible by 16), a constant, or - (none)
     shared_bytes: int
     registers: int
     spill_store_bytes: int
@@ -42,54 +73,73 @@ class BuildReport:
     cubin_bytes: int
     has_mma: bool
     has_wgmma: bool
+    sass: str = field(default="", repr=False)
 
 
-def _signature(name: str, act: str, bits: int, group: int, cfg: KernelConfig) -> tuple:
-    """(jit function, signature, constexprs) exactly as ops.py launches it."""
-    bk = fit_block_k(cfg.block_k, group)
-    dot = {"DOT_PRECISION": "ieee" if act == "fp32" else "tf32", "UPCAST": False}
-    if name == "gemm":
-        ptrs = dict(x_ptr=f"*{act}", qw_ptr="*i32", qh_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", b_ptr=f"*{act}", y_ptr=f"*{act}")
-        ints = ("M", "N", "K", "stride_xm", "stride_ym")
-        const = dict(GROUP=group, BITS=bits, HAS_BIAS=True, **dot, BLOCK_M=cfg.block_m,
-                     BLOCK_N=cfg.block_n, BLOCK_K=bk, GROUP_M=cfg.group_m)
-        fn = kernels.gemm_fwd_kernel
-    elif name == "decode":
-        ptrs = dict(x_ptr=f"*{act}", qw_ptr="*i32", qh_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", ws_ptr="*fp32")
-        ints = ("M", "N", "K", "stride_xm", "K_PER_SPLIT")
-        const = dict(GROUP=group, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=bk)
-        fn = kernels.decode_splitk_kernel
-    elif name == "grad_input":
-        ptrs = dict(dy_ptr=f"*{act}", qw_ptr="*i32", qh_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", dx_ptr=f"*{act}")
-        ints = ("M", "N", "K", "stride_dym", "stride_dxm")
-        const = dict(GROUP=group, BITS=bits, **dot, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk)
-        fn = kernels.grad_input_kernel
-    elif name == "grad_scales":
-        ptrs = dict(x_ptr=f"*{act}", dy_ptr=f"*{act}", qw_ptr="*i32", qh_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16",
-                    ds_ptr="*fp32", dz_ptr="*fp32")
-        ints = ("M", "N", "K", "stride_xm", "stride_dym")
-        const = dict(GROUP=group, BITS=bits, COMPUTE_DZ=True, **dot, BLOCK_M=cfg.block_m,
-                     BLOCK_N=cfg.block_n, BLOCK_K=bk)
-        fn = kernels.grad_scales_kernel
-    elif name == "dequantize":
-        ptrs = dict(qw_ptr="*i32", qh_ptr="*i32", qz_ptr="*i32", s_ptr="*fp16", w_ptr=f"*{act}")
-        ints = ("N", "K")
-        const = dict(GROUP=group, BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=bk)
-        fn = kernels.dequantize_kernel
-    elif name == "splitk_reduce":
-        ptrs = dict(ws_ptr="*fp32", b_ptr=f"*{act}", y_ptr=f"*{act}")
-        ints = ("M", "N", "stride_ym")
-        const = dict(SPLIT_K=8, HAS_BIAS=True, BLOCK_N=256)
-        fn = kernels.splitk_reduce_kernel
-    else:
-        raise ValueError(f"unknown kernel {name!r}")
-    sig = {**ptrs, **{i: "i32" for i in ints}, **{c: "constexpr" for c in const}}
-    return fn, sig, const
+@contextlib.contextmanager
+def _captured_launches():
+    """Inside: `kernel[grid](...)` records (kernel, args, kwargs, grid) instead of launching."""
+    launches = []
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs, tuple(grid)))
+
+    JITFunction.run = record
+    try:
+        yield launches
+    finally:
+        JITFunction.run = original
+
+
+def launches(case: Case) -> list[tuple]:
+    """The kernel launches `ops.py` issues for `case`, with CPU tensors standing in for device memory."""
+    spec = QuantSpec(case.bits, case.group_size, case.k, case.n)
+    weight = ops.prepare_weight(torch.zeros(spec.qweight_shape, dtype=torch.int32),
+                                torch.zeros(spec.qzeros_shape, dtype=torch.int32), spec)
+    scales = torch.ones(spec.scales_shape, dtype=DTYPES[case.scales])
+    act = DTYPES[case.act]
+    with _captured_launches() as found:
+        if case.op == "forward":
+            ops.forward(torch.zeros(case.m, case.k, dtype=act), weight, scales, spec, config=case.config)
+        elif case.op == "grad_input":
+            ops.grad_input(torch.zeros(case.m, case.n, dtype=act), weight, scales, spec, config=case.config)
+        elif case.op == "grad_scales":
+            ops.grad_scales(torch.zeros(case.m, case.k, dtype=act), torch.zeros(case.m, case.n, dtype=act), weight,
+                            scales, spec, with_zeros=True, config=case.config)
+        elif case.op == "dequantize":
+            ops.dequantize(weight, scales, spec, act, config=case.config)
+        else:
+            raise ValueError(f"unknown op {case.op!r}")
+    return found
+
+
+def compile_launch(fn, args: tuple, kwargs: dict, cc: int):
+    """What `JITFunction.run` would compile for these arguments on `sm_{cc}`."""
+    target = GPUTarget("cuda", cc, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = {**kwargs, "debug": False}
+    bound, specialization, options = binder(*args, **kwargs)
+    options = backend.parse_options(kwargs)
+    names = [p.name for p in fn.params]
+    signature = {name: spec[0] for name, spec in zip(names, specialization)}
+    constexprs = {(i,): bound[name] for i, name in enumerate(names) if signature[name] == "constexpr"}
+    attrs = {(i,): backend.parse_attr(spec[1]) for i, spec in enumerate(specialization)
+             if spec[0] != "constexpr" and isinstance(spec[1], str)}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    marks = ["D" if spec[1] == "D" else (str(bound[name]) if spec[0] == "constexpr" else "-")
+             for name, spec in zip(names, specialization)]
+    return compiled, ",".join(marks)
+
+
+def _tool(name: str) -> Path:
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
 
 
 def ptxas_path() -> Path:
     # Triton 3.9 emits PTX ISA 9.4, which only the wheel's ptxas-blackwell accepts
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
+    return _tool("ptxas-blackwell")
 
 
 def ptxas_stats(ptx: str, arch: str) -> dict[str, int]:
@@ -111,53 +161,91 @@ def ptxas_stats(ptx: str, arch: str) -> dict[str, int]:
             "spill_load_bytes": number(r"(\d+) bytes spill loads")}
 
 
-def build(name: str, cc: int, bits: int, dtype: str, config: KernelConfig, group: int = 128) -> BuildReport:
-    """Compile one kernel for `sm_{cc}` and report its resources."""
-    act = _TRITON_TYPE[dtype]
-    fn, sig, const = _signature(name, act, bits, group, config)
-    compiled = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", cc, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    ptx = compiled.asm["ptx"]
+def sass_of(cubin: bytes) -> str:
+    """The cubin's machine code, disassembled by the wheel's cuobjdump."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        return subprocess.run([str(_tool("cuobjdump")), "-sass", str(path)], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def build(case: Case, cc: int, with_sass: bool = False) -> list[BuildReport]:
+    """Every kernel `case` launches, compiled for `sm_{cc}` as the JIT would, with its resources."""
     arch = "sm_90a" if cc == 90 else f"sm_{cc}"
-    stats = ptxas_stats(ptx, arch)
-    return BuildReport(name, arch, bits, dtype, config, compiled.metadata.shared, cubin_bytes=len(compiled.asm["cubin"]),
-                       has_mma=bool(re.search(r"\bmma\.sync", ptx)), has_wgmma="wgmma." in ptx, **stats)
+    reports = []
+    for fn, args, kwargs, grid in launches(case):
+        compiled, marks = compile_launch(fn, args, kwargs, cc)
+        ptx = compiled.asm["ptx"]
+        config = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_") or k in ("num_warps", "num_stages",
+                                                                                        "GROUP_M", "SPLIT_K")}
+        reports.append(BuildReport(
+            kernel=fn.__name__.removesuffix("_kernel"), arch=arch, bits=case.bits, group_size=case.group_size,
+            dtype=case.act, scales_dtype=case.scales, m=case.m, n=case.n, k=case.k, grid=list(grid), config=config,
+            specialization=marks, shared_bytes=compiled.metadata.shared, cubin_bytes=len(compiled.asm["cubin"]),
+            has_mma=bool(re.search(r"\bmma\.sync", ptx)), has_wgmma="wgmma." in ptx,
+            sass=sass_of(compiled.asm["cubin"]) if with_sass else "", **ptxas_stats(ptx, arch)))
+    return reports
 
 
-def shipped_builds() -> list[tuple[str, KernelConfig]]:
-    """Every (kernel, config) the launchers can pick."""
-    from .configs import CANDIDATES
-
-    builds = [(name, cfg) for name, buckets in CANDIDATES.items() for _, cfgs in buckets for cfg in cfgs]
-    return builds + [("splitk_reduce", KernelConfig(1, 256, 32))]
+SHAPE = (4096, 4096)  # (N, K) of the builds: divisible by 16 like every real LLM layer
 
 
-def _build_row(job: tuple) -> dict:
-    name, cfg, cc, bits, dtype = job
-    return asdict(build(name, cc, bits, dtype, cfg))
+def shipped_cases(bits=(2, 3, 4), acts=("float16", "bfloat16")) -> list[Case]:
+    """Every (kernel, candidate config) the launchers can pick, at an M inside its bucket, group 128."""
+    n, k = SHAPE
+    op_of = {"gemm": "forward", "decode": "forward", "grad_input": "grad_input", "grad_scales": "grad_scales",
+             "dequantize": "dequantize"}
+    cases = []
+    for kernel, buckets in CANDIDATES.items():
+        for upper, configs in buckets:
+            m = 1 if kernel in ("decode", "dequantize") else (upper or 4096)  # the top of the M bucket
+            cases += [Case(op_of[kernel], m, n, k, b, 128, a, "float16", cfg) for cfg in configs for b in bits
+                      for a in acts]
+    return cases
 
 
-def build_all(ccs=(80, 90), bits=(2, 3, 4), dtypes=("float16", "bfloat16"), workers: int = 2) -> list[dict]:
-    """Build every shipped kernel config for every target; needs TRITON_INTERPRET unset."""
-    jobs = [(n, c, cc, b, d) for n, c in shipped_builds() for cc in ccs for b in bits for d in dtypes]
+def variant_cases(bits=(2, 3, 4)) -> list[Case]:
+    """The launchers' own choices across what changes the code: group sizes, fp32 master scales (E2E-QP),
+    the fp32-activation path (`--no-bf16`), decode with M > 1."""
+    n, k = SHAPE
+    ops_m = [("forward", 1), ("forward", 4), ("forward", 16), ("forward", 4096), ("grad_input", 4096),
+             ("grad_scales", 4096)]
+    variants = [dict(group_size=32), dict(group_size=64), dict(group_size=-1),
+                dict(act="bfloat16", scales="float32"), dict(act="float32", scales="float32")]
+    return [Case(op, m, n, k, b, **v) for op, m in ops_m for b in bits for v in variants]
+
+
+def _build_rows(job: tuple) -> list[dict]:
+    case, cc, with_sass = job
+    return [asdict(r) for r in build(case, cc, with_sass)]
+
+
+def build_all(cases: list[Case], ccs=(80, 90), workers: int = 2, with_sass: bool = False) -> list[dict]:
+    """Build every case for every target in worker processes; needs TRITON_INTERPRET unset."""
+    jobs = [(c, cc, with_sass) for c in cases for cc in ccs]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_build_row, jobs))
+        return [row for rows in pool.map(_build_rows, jobs) for row in rows]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Build eqat's Triton kernels for sm_80/sm_90 on any machine.")
+    parser = argparse.ArgumentParser(description="Build eqat's Triton kernels for sm_80/sm_90a as the JIT would.")
     parser.add_argument("--json", help="write the full report here")
+    parser.add_argument("--variants", action="store_true", help="also group sizes, fp32 scales, fp32 activations")
     args = parser.parse_args()
-    rows = build_all()
+    rows = build_all(shipped_cases() + (variant_cases() if args.variants else []))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(f"{'kernel':14} {'config':22} {'arch':7} {'bits':>4} {'dtype':9} {'regs':>4} {'smem B':>7} {'spill':>5} mma")
+    print(f"{'kernel':14} {'config':30} {'arch':7} {'b':>1} {'g':>4} {'act/scales':18} {'M':>5} {'regs':>4} "
+          f"{'smem B':>7} {'spill':>5} mma")
     for r in rows:
         c = r["config"]
-        cfg = f"{c['block_m']}x{c['block_n']}x{c['block_k']} w{c['num_warps']} s{c['num_stages']}"
+        cfg = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c) + \
+            f" w{c.get('num_warps', 4)} s{c.get('num_stages', 3)}"
         tc = "wgmma" if r["has_wgmma"] else ("mma" if r["has_mma"] else "-")
-        print(f"{r['kernel']:14} {cfg:22} {r['arch']:7} {r['bits']:>4} {r['dtype']:9} {r['registers']:>4} "
-              f"{r['shared_bytes']:>7} {r['spill_store_bytes']:>5} {tc}")
+        print(f"{r['kernel']:14} {cfg:30} {r['arch']:7} {r['bits']:>1} {r['group_size']:>4} "
+              f"{r['dtype'] + '/' + r['scales_dtype']:18} {r['m']:>5} {r['registers']:>4} {r['shared_bytes']:>7} "
+              f"{r['spill_store_bytes']:>5} {tc}")
 
 
 if __name__ == "__main__":

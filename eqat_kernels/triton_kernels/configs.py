@@ -40,6 +40,15 @@ CANDIDATES: dict[str, list[tuple[int | None, list[KernelConfig]]]] = {
     "dequantize": [(None, [KernelConfig(1, 64, 64)])],
 }
 
+# fp32 activations (`--no-bf16`, exact fp32 products): tl.dot lowers to FMA with each thread holding whole
+# K slices of its rows and columns, so the fp16 tiles above spill hundreds of bytes (aot.py builds showed
+# 255 registers + 250-3800 B of spills). These stay under ~130 registers at every bit-width on sm_80/sm_90a.
+EXACT_CANDIDATES: dict[str, list[tuple[int | None, list[KernelConfig]]]] = {
+    "gemm": [(None, [KernelConfig(16, 32, 32, 4, 2)])],
+    "grad_input": [(None, [KernelConfig(16, 32, 32, 4, 2)])],
+    "grad_scales": [(None, [KernelConfig(32, 32, 32, 4, 2)])],
+}
+
 _TUNED: dict[str, KernelConfig] = {}
 
 
@@ -48,12 +57,14 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-def bucket_key(kernel: str, m: int, n: int, k: int, bits: int, group: int) -> str:
-    return f"{kernel}|m{m_bucket(m)}|n{m_bucket(n)}|k{m_bucket(k)}|b{bits}|g{group}"
+def bucket_key(kernel: str, m: int, n: int, k: int, bits: int, group: int, exact: bool = False) -> str:
+    return f"{kernel}|m{m_bucket(m)}|n{m_bucket(n)}|k{m_bucket(k)}|b{bits}|g{group}" + ("|fp32" if exact else "")
 
 
-def candidates(kernel: str, m: int) -> list[KernelConfig]:
-    for upper, configs in CANDIDATES[kernel]:
+def candidates(kernel: str, m: int, exact: bool = False) -> list[KernelConfig]:
+    """`exact`: fp32 activations, whose dots run on FMA (EXACT_CANDIDATES where the kernel has a dot)."""
+    table = EXACT_CANDIDATES if exact and kernel in EXACT_CANDIDATES else CANDIDATES
+    for upper, configs in table[kernel]:
         if upper is None or m <= upper:
             return configs
     raise AssertionError("the last bucket has no upper bound")
@@ -68,8 +79,8 @@ def fit_block_k(block_k: int, group: int) -> int:
     return block_k
 
 
-def select_config(kernel: str, m: int, n: int, k: int, bits: int, group: int) -> KernelConfig:
-    return _TUNED.get(bucket_key(kernel, m, n, k, bits, group)) or candidates(kernel, m)[0]
+def select_config(kernel: str, m: int, n: int, k: int, bits: int, group: int, exact: bool = False) -> KernelConfig:
+    return _TUNED.get(bucket_key(kernel, m, n, k, bits, group, exact)) or candidates(kernel, m, exact)[0]
 
 
 def record_tuned(key: str, config: KernelConfig) -> None:

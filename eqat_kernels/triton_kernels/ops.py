@@ -107,7 +107,7 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
             ws, b, y, m, n, y.stride(0), SPLIT_K=split, HAS_BIAS=has_bias, BLOCK_N=256,
         )
     else:
-        cfg = config or select_config("gemm", m, n, k, spec.bits, spec.group)
+        cfg = config or select_config("gemm", m, n, k, spec.bits, spec.group, x.dtype == torch.float32)
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
         kernels.gemm_fwd_kernel[grid](
             x2, *weight, scales, b, y, m, n, k, x2.stride(0), y.stride(0),
@@ -125,7 +125,7 @@ def grad_input(dy, weight: KernelWeight, scales, spec: QuantSpec, config: Kernel
     m, n, k = dy2.shape[0], spec.out_features, spec.in_features
     dx = _output(m, k, dtype=dy.dtype, device=dy.device)
     if m:
-        cfg = config or select_config("grad_input", m, n, k, spec.bits, spec.group)
+        cfg = config or select_config("grad_input", m, n, k, spec.bits, spec.group, dy.dtype == torch.float32)
         bk = fit_block_k(cfg.block_k, spec.group)
         kernels.grad_input_kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(k, bk))](
             dy2, *weight, scales, dx, m, n, k, dy2.stride(0), dx.stride(0),
@@ -147,7 +147,7 @@ def grad_scales(x, dy, weight: KernelWeight, scales, spec: QuantSpec, with_zeros
     m, n, k = x2.shape[0], spec.out_features, spec.in_features
     ds = _output(spec.num_groups, n, dtype=torch.float32, device=x.device)
     dz = _output(spec.num_groups, n, dtype=torch.float32, device=x.device) if with_zeros else ds
-    cfg = config or select_config("grad_scales", m, n, k, spec.bits, spec.group)
+    cfg = config or select_config("grad_scales", m, n, k, spec.bits, spec.group, x.dtype == torch.float32)
     kernels.grad_scales_kernel[(triton.cdiv(n, cfg.block_n), spec.num_groups)](
         x2, dy2, *weight, scales, ds, dz, m, n, k, x2.stride(0), dy2.stride(0),
         GROUP=spec.group, BITS=spec.bits, COMPUTE_DZ=with_zeros, **_dot_args(x.dtype),

@@ -28,9 +28,10 @@ def warmup(weight: ops.KernelWeight, scales: torch.Tensor, spec: QuantSpec, m_va
             jobs += [("grad_input", lambda c: ops.grad_input(dy, weight, scales, spec, config=c)),
                      ("grad_scales", lambda c: ops.grad_scales(x, dy, weight, scales, spec, config=c))]
         for kernel, run in jobs:
-            timings = {cfg: triton.testing.do_bench(lambda: run(cfg)) for cfg in candidates(kernel, m)}
+            exact = dtype == torch.float32
+            timings = {cfg: triton.testing.do_bench(lambda: run(cfg)) for cfg in candidates(kernel, m, exact)}
             best = min(timings, key=timings.get)
-            key = bucket_key(kernel, m, spec.out_features, spec.in_features, spec.bits, spec.group)
+            key = bucket_key(kernel, m, spec.out_features, spec.in_features, spec.bits, spec.group, exact)
             record_tuned(key, best)
             chosen[key] = f"{best} {timings[best] * 1e3:.1f} us"
     return chosen

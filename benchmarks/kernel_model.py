@@ -1,0 +1,299 @@
+"""A static performance model of eqat's GPU kernels, from their machine code. PREDICTED, never measured.
+
+No GPU is available here, so every figure this script prints is a prediction. For each kernel launch the
+launchers issue (decode M = 1 and M = 4, GEMM M = 16 and M = 4096, dx and ds at M = 4096), it builds the
+cubin exactly as the JIT launcher would (`eqat_kernels.triton_kernels.aot`), disassembles it with the
+Triton wheel's cuobjdump, finds the main loop (the backward branch), and counts its instruction mix.
+From that and datasheet figures (below, named) it predicts, per (GPU, kernel, bits, group, M, N, K):
+
+    time = max(weight+activation bytes / (bandwidth x latency-hiding efficiency),
+               thread-instructions / issue rate of the SMs the grid occupies,
+               flops / tensor-core rate) + launch cost per kernel launch
+
+and the same for fp16 cuBLAS at its own roofline (max(bytes / bandwidth, flops / tensor rate) + one
+launch), whose ratio is the predicted speedup; `16 / (b + 32/g)` (code bits + fp16 scale and zero per
+group) is the weight-bandwidth roofline of that speedup at M = 1.
+
+    python benchmarks/kernel_model.py                  # table + benchmarks/results/kernel_model.json + plot
+    python benchmarks/kernel_model.py --check          # compare with the committed JSON (CI regression check)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import re
+import sys
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "kernel_model.json"
+
+
+@dataclass(frozen=True)
+class GPU:
+    """Datasheet figures (SXM parts). issue: 4 schedulers x 1 warp-instruction (32 threads) per clock."""
+
+    name: str
+    cc: int
+    sms: int
+    clock_hz: float  # boost clock
+    bandwidth: float  # HBM bytes/s
+    fp16_tensor_flops: float  # dense
+    latency_s: float  # DRAM load latency seen by an SM (microbenchmark literature: ~500-700 ns)
+    max_regs_per_sm: int = 65536
+    max_threads_per_sm: int = 2048
+    l2_bytes: int = 50 * 2**20
+    max_shared_per_sm: int = 228 * 1024
+    launch_s: float = 2.5e-6  # one kernel launch from PyTorch without CUDA graphs
+
+    @property
+    def issue_rate(self) -> float:  # thread-instructions per second, whole GPU
+        return self.sms * 4 * 32 * self.clock_hz
+
+
+GPUS = {
+    # NVIDIA A100 SXM4 80GB datasheet: 2,039 GB/s, 312 TFLOPS fp16 dense, 108 SMs, 1410 MHz boost
+    "A100": GPU("A100", 80, 108, 1.41e9, 2.039e12, 312e12, 600e-9, l2_bytes=40 * 2**20, max_shared_per_sm=164 * 1024),
+    # NVIDIA H100 SXM5 datasheet: 3.35 TB/s, 989 TFLOPS fp16 dense, 132 SMs, 1980 MHz boost
+    "H100": GPU("H100", 90, 132, 1.98e9, 3.35e12, 989e12, 600e-9),
+}
+
+SETTINGS = {"w2g64": (2, 64), "w3g128": (3, 128), "w4g128": (4, 128)}
+SHAPES = [(4096, 4096), (11008, 4096), (28672, 8192)]  # (N, K): attention, Llama-7B MLP, Llama-70B MLP
+PATHS = [("forward", 1), ("forward", 4), ("forward", 16), ("forward", 4096), ("grad_input", 4096),
+         ("grad_scales", 4096)]
+
+CLASSES = {  # SASS opcode -> class in the instruction mix
+    "LDG": "global_load", "STG": "global_store", "LDS": "shared_load", "STS": "shared_store", "LDSM": "shared_load",
+    "LDGSTS": "async_copy", "UTMALDG": "async_copy", "BAR": "barrier", "HMMA": "mma", "HGMMA": "wgmma",
+    "FFMA": "fma", "FMUL": "fma", "FADD": "fma", "HFMA2": "hfma2", "HMUL2": "hfma2", "HADD2": "hfma2",
+    "I2F": "convert", "I2FP": "convert", "F2F": "convert", "F2FP": "convert", "F2I": "convert",
+    "LOP3": "int_bit", "SHF": "int_bit", "SGXT": "int_bit", "IADD3": "int_bit", "IMAD": "int_bit", "LEA": "int_bit",
+    "PRMT": "int_bit", "BFE": "int_bit", "ISETP": "int_bit", "SEL": "int_bit", "IMNMX": "int_bit", "VIMNMX": "int_bit",
+}
+_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)\s*([^;]*);")
+
+
+def parse_sass(sass: str) -> list[tuple[int, str, str, str]]:
+    """(address, opcode, modifiers, operands) per instruction of the (single) kernel in `sass`."""
+    return [(int(m.group(1), 16), m.group(2), m.group(3), m.group(4)) for m in map(_LINE.match, sass.splitlines()) if m]
+
+
+def main_loop(instrs: list[tuple]) -> list[tuple]:
+    """The instructions of the outermost backward branch's range: the K loop of every eqat kernel."""
+    loops = []
+    for addr, op, _, operands in instrs:
+        target = re.match(r"`?\(?(0x[0-9a-f]+)", operands.strip()) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    if not loops:
+        return []
+    start, end = max(loops, key=lambda r: r[1] - r[0])
+    return [i for i in instrs if start <= i[0] <= end]
+
+
+def mix(loop: list[tuple]) -> dict[str, int]:
+    counts = Counter(CLASSES.get(op, "other") for _, op, _, _ in loop)
+    widths = Counter(f"LDG{mod}" for _, op, mod, _ in loop if op == "LDG")
+    return {"total": len(loop), **counts, **{k.replace(".", "_"): v for k, v in widths.items()}}
+
+
+def _weight_bytes_per_iteration(kernel: str, cfg: dict, bits: int, group: int, k: int) -> float:
+    """Packed codes plus the fp16 scale and packed zero point of each group the tile touches."""
+    bn, bk = cfg.get("BLOCK_N", 1), cfg.get("BLOCK_K", 1)
+    g = k if group == -1 else group
+    return bn * bk * bits / 8 + bn * (bk / g) * (2 + bits / 8)
+
+
+def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
+    """Predicted time of one launch of `report`'s kernel, re-gridded for (n, k)."""
+    kernel, cfg, bits, group, m = report["kernel"], report["config"], report["bits"], report["group_size"], report["m"]
+    instrs = parse_sass(report["sass"])
+    loop = main_loop(instrs)
+    threads = 32 * cfg.get("num_warps", 4)
+    bn, bk, bm = cfg.get("BLOCK_N", 1), cfg.get("BLOCK_K", 1), cfg.get("BLOCK_M", 1)
+    wbytes = _weight_bytes_per_iteration(kernel, cfg, bits, group, k)
+    ipb = len(loop) * threads / wbytes if wbytes else float("nan")
+    # grid and loop trip counts as the launcher would choose them for this (n, k)
+    if kernel == "decode_splitk":
+        n_tiles, k_tiles = math.ceil(n / bn), math.ceil(k / bk)
+        split = max(1, min(k_tiles, math.ceil(2 * gpu.sms / (n_tiles * m))))
+        programs, iters = n_tiles * split * m, math.ceil(k_tiles / split)
+    elif kernel == "gemm_fwd":
+        programs, iters = math.ceil(m / bm) * math.ceil(n / bn), math.ceil(k / bk)
+    elif kernel == "grad_input":
+        programs, iters = math.ceil(m / bm) * math.ceil(k / bk), math.ceil(n / bn)
+    elif kernel == "grad_scales":
+        programs, iters = math.ceil(n / bn) * math.ceil(k / (k if group == -1 else group)), math.ceil(m / bm)
+    elif kernel == "splitk_reduce":
+        programs, iters = m * math.ceil(n / cfg.get("BLOCK_N", 256)), cfg.get("SPLIT_K", 8)
+    else:
+        programs, iters = 1, 1
+    body = len(loop) or len(instrs)
+    other = len(instrs) - len(loop)
+    thread_instrs = programs * threads * (iters * body + other)
+    # occupancy: resident programs per SM from registers, threads and shared memory
+    regs = max(report["registers"], 1)
+    per_sm = min(gpu.max_regs_per_sm // (regs * threads), gpu.max_threads_per_sm // threads,
+                 gpu.max_shared_per_sm // max(report["shared_bytes"], 1) if report["shared_bytes"] else 64)
+    per_sm = max(per_sm, 1)
+    active_sms = min(gpu.sms, programs)
+    resident = min(per_sm, math.ceil(programs / gpu.sms))
+    warps_per_sm = resident * threads // 32
+    issue = active_sms * min(4, warps_per_sm) * 32 * gpu.clock_hz
+    t_issue = thread_instrs / issue
+    # bytes: weights once per (M tile) pass, activations in and out
+    act = 2 if report["dtype"] != "float32" else 4
+    weight_total = n * k * bits / 8 + n * math.ceil(k / (k if group == -1 else group)) * (2 + bits / 8)
+    # a weight re-read by several M tiles (or decode rows) comes from L2 when it fits there
+    rereads = 0 if weight_total <= gpu.l2_bytes / 2 else 1
+    if kernel in ("gemm_fwd", "grad_input"):
+        weight_reads = weight_total * (1 + rereads * (math.ceil(m / bm) - 1))
+        io = act * (m * k + m * n)
+    elif kernel == "grad_scales":
+        weight_reads = weight_total
+        io = act * (m * k + m * n) * math.ceil(n / bn)  # x re-read per N tile, dy per group
+    elif kernel == "decode_splitk":
+        weight_reads = weight_total * (1 + rereads * (m - 1))  # one program per row reads the whole weight
+        io = act * m * k + 4 * m * n * math.ceil(k / bk / iters)
+    else:
+        weight_reads, io = 0.0, 4 * m * n * cfg.get("SPLIT_K", 8) + act * m * n
+    bytes_total = weight_reads + io
+    # loads one program has outstanding: an iteration's tiles (times the software-pipelining depth); the
+    # reduction reads all SPLIT_K partial rows at once
+    per_program = (cfg.get("BLOCK_N", 256) * 4 * cfg.get("SPLIT_K", 8) if kernel == "splitk_reduce"
+                   else wbytes * max(1, cfg.get("num_stages", 1) - 1))
+    in_flight = active_sms * resident * per_program
+    efficiency = min(1.0, in_flight / (gpu.bandwidth * gpu.latency_s))
+    t_mem = bytes_total / (gpu.bandwidth * max(efficiency, 1e-3))
+    flops = 2 * m * n * k
+    uses_tc = report["has_mma"] or report["has_wgmma"]
+    t_tc = flops / gpu.fp16_tensor_flops if uses_tc else 0.0
+    time = max(t_mem, t_issue, t_tc) + gpu.launch_s
+    return {"instr_per_weight_byte": round(ipb, 2), "loop_instructions": len(loop), "programs": programs,
+            "resident_per_sm": resident, "bytes_in_flight_per_sm": round(in_flight / max(active_sms, 1)),
+            "latency_efficiency": round(efficiency, 3), "t_mem_us": t_mem * 1e6, "t_issue_us": t_issue * 1e6,
+            "t_tensor_us": t_tc * 1e6, "predicted_us": time * 1e6, "bound": max(
+                (("memory", t_mem), ("issue", t_issue), ("tensor", t_tc)), key=lambda p: p[1])[0],
+            "mix": mix(loop)}
+
+
+def fp16_cublas_us(gpu: GPU, m: int, n: int, k: int, backward: bool = False) -> float:
+    """fp16 dense GEMM at its own roofline (a lower bound on cuBLAS), one launch."""
+    bytes_total = 2 * (n * k + m * k + m * n)
+    return (max(bytes_total / gpu.bandwidth, 2 * m * n * k / gpu.fp16_tensor_flops) + gpu.launch_s) * 1e6
+
+
+def _builds(job):
+    from eqat_kernels.triton_kernels.aot import Case, build
+
+    op, m, bits, group, cc = job
+    case = Case(op, m, 4096, 4096, bits, group)  # the code does not depend on N, K beyond divisibility
+    return job, [asdict(r) for r in build(case, cc, with_sass=True)]
+
+
+def collect(workers: int = 2) -> list[dict]:
+    jobs = [(op, m, b, g, gpu.cc) for gpu in GPUS.values() for op, m in PATHS for b, g in SETTINGS.values()]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        built = dict(pool.map(_builds, jobs))
+    records = []
+    for gpu in GPUS.values():
+        for (op, m, bits, group, cc), reports in built.items():
+            if cc != gpu.cc:
+                continue
+            for n, k in SHAPES:
+                rows = [{**model_row(r, gpu, n, k), "kernel": r["kernel"], "config": r["config"],
+                         "registers": r["registers"], "shared_bytes": r["shared_bytes"]} for r in reports]
+                ours = sum(r["predicted_us"] for r in rows)
+                base = fp16_cublas_us(gpu, m, n, k)
+                main = rows[0]
+                records.append({
+                    "gpu": gpu.name, "op": op, "kernel": "+".join(r["kernel"] for r in rows), "bits": bits,
+                    "group_size": group, "M": m, "N": n, "K": k,
+                    "instr_per_weight_byte": main["instr_per_weight_byte"],
+                    "predicted_us": round(ours, 3), "predicted_fp16_us": round(base, 3),
+                    "predicted_speedup_vs_fp16": round(base / ours, 3),
+                    "roofline_speedup_m1": round(16 / (bits + 32 / group), 3),
+                    "bound": main["bound"], "latency_efficiency": main["latency_efficiency"],
+                    "programs": main["programs"], "registers": main["registers"],
+                    "shared_bytes": main["shared_bytes"], "config": main["config"], "mix": main["mix"],
+                    "label": "predicted"})
+    return records
+
+
+def print_table(records: list[dict]) -> None:
+    print("PREDICTED by a static model of the SASS (no GPU was used); speedup vs fp16 cuBLAS at its roofline")
+    print(f"{'gpu':5} {'op':12} {'setting':7} {'M':>5} {'N x K':>12} {'instr/B':>7} {'bound':7} {'eff':>5} "
+          f"{'pred us':>9} {'fp16 us':>8} {'speedup':>7} {'% roof':>6}")
+    for r in records:
+        setting = f"w{r['bits']}g{r['group_size']}"
+        roof = r["roofline_speedup_m1"] if r["M"] == 1 else float("nan")
+        pct = 100 * r["predicted_speedup_vs_fp16"] / roof if r["M"] == 1 else float("nan")
+        print(f"{r['gpu']:5} {r['op']:12} {setting:7} {r['M']:>5} {str(r['N']) + 'x' + str(r['K']):>12} "
+              f"{r['instr_per_weight_byte']:>7.2f} {r['bound']:7} {r['latency_efficiency']:>5.2f} "
+              f"{r['predicted_us']:>9.2f} {r['predicted_fp16_us']:>8.2f} {r['predicted_speedup_vs_fp16']:>7.2f} "
+              f"{pct:>6.0f}")
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, gpu in zip(axes, GPUS):
+        for setting, (bits, group) in SETTINGS.items():
+            rows = [r for r in records if r["gpu"] == gpu and r["bits"] == bits and r["op"] == "forward"
+                    and (r["N"], r["K"]) == (4096, 4096)]
+            rows.sort(key=lambda r: r["M"])
+            ax.plot([r["M"] for r in rows], [r["predicted_speedup_vs_fp16"] for r in rows], "o-", label=setting)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_title(f"{gpu}: forward, 4096 x 4096 (PREDICTED)")
+        ax.set_xlabel("M (tokens)")
+    axes[0].set_ylabel("predicted speedup vs fp16 cuBLAS roofline")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def check(records: list[dict], baseline: list[dict], tolerance: float = 0.02) -> list[str]:
+    """Regressions: a kernel's instructions per weight byte or predicted time up by more than `tolerance`."""
+    key = lambda r: (r["gpu"], r["op"], r["bits"], r["group_size"], r["M"], r["N"], r["K"])  # noqa: E731
+    old = {key(r): r for r in baseline}
+    problems = []
+    for r in records:
+        b = old.get(key(r))
+        if b is None:
+            continue
+        for field in ("instr_per_weight_byte", "predicted_us"):
+            if r[field] > b[field] * (1 + tolerance) + 1e-9:
+                problems.append(f"{key(r)} {field}: {b[field]} -> {r[field]}")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="fail if worse than the committed JSON; write nothing")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    records = collect()
+    print_table(records)
+    if args.check:
+        problems = check(records, json.loads(RESULTS.read_text()))
+        print("\n".join(problems) or "no regression against the committed predictions")
+        return 1 if problems else 0
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(records, indent=1))
+    plot(records, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -64,6 +64,7 @@ def quantize(run: RunConfig | None = None, stage: BlockwiseConfig | None = None,
     blockwise = BlockwiseRun(model, stage, run_options, state_dir=state_dir, offload=run.offload,
                              bf16_passes=run.bf16, seed=run.seed)
     log = blockwise.run(split.calib, split.val if run.val_windows else None, progress=progress)
+    runstate.release_memory()  # the activation stores are gone; peak RSS should not stack stage on stage
     recorded = {**stage.as_dict(), **run_options}
     stage_seconds = {stage.method: round(time.time() - t0, 1)}
     stages, e2e_log = [stage.method], []
@@ -75,6 +76,7 @@ def quantize(run: RunConfig | None = None, stage: BlockwiseConfig | None = None,
         e2e_log = trainer.train(progress)
         recorded["e2e_qp"] = trainer.settings()
         del teacher, trainer
+        runstate.release_memory()
         stages.append("e2e_qp")
         stage_seconds["e2e_qp"] = round(time.time() - t1, 1)
     quant_seconds = time.time() - t0

@@ -152,7 +152,8 @@ def generate_calibration(model: nn.Module, tokenizer, cfg: SelfGenConfig = SelfG
             have += stream[-1].numel()
     finally:
         bar.close()
-        sampler = None  # frees the bf16 copy
+        sampler = None  # frees the bf16 copy and the sampling caches...
+        runstate.release_memory()  # ...back to the OS, so later stages do not stack on top of them
     parts = plain + ([torch.cat(stream)[:need].reshape(n_chat, cfg.seq_len)] if n_chat else [])
     order = torch.randperm(cfg.sequences, generator=torch.Generator().manual_seed(cfg.seed))
     windows = torch.cat(parts)[order].contiguous()  # plain and chat mixed in calibration and validation alike
@@ -182,7 +183,11 @@ class _Sampler:
     @property
     def lm(self) -> nn.Module:
         if self._lm is None:
-            self._lm = copy.deepcopy(self.model).to(torch.bfloat16)
+            # tensors converted straight to bf16: deepcopy then .to() would hold a whole fp32 copy first
+            memo = {id(t): (nn.Parameter(t.detach().to(torch.bfloat16), requires_grad=False)
+                            if isinstance(t, nn.Parameter) else t.to(torch.bfloat16))
+                    for t in [*self.model.parameters(), *self.model.buffers()] if t.is_floating_point()}
+            self._lm = copy.deepcopy(self.model, memo).to(torch.bfloat16)
         return self._lm
 
 

@@ -108,3 +108,27 @@ def test_the_spill_check_can_fail(tmp_path):
         print(ptxas_stats(ptx, "sm_90a")["spill_store_bytes"])
     """, tmp_path)
     assert int(out.strip().splitlines()[-1]) > 0
+
+
+def test_offsets_that_can_pass_2_31_are_computed_in_int64(tmp_path):
+    """Launches whose M x K, M x N or N x K products pass 2^31 (built from the real launchers on unfilled
+    CPU tensors): a tile's base address is an int64 multiply (gemm, dx, dequantize), or a scalar pointer
+    the M loop advances tile by tile (ds); offsets inside a tile stay int32."""
+    out = _run_uninterpreted("""
+        import re
+        from eqat_kernels.triton_kernels.aot import Case, compile_launch, launches
+
+        big = 2**31 // 4096 + 32  # a multiple of 32 (packing), M x 4096 > 2^31
+        for case in [Case("forward", big, 4096, 4096, 4), Case("grad_input", big, 4096, 4096, 3),
+                     Case("grad_scales", big, 4096, 4096, 2), Case("dequantize", 1, big, 4096, 4)]:
+            for fn, args, kwargs, grid in launches(case):
+                ttir = compile_launch(fn, args, kwargs, 90)[0].asm["ttir"]
+                loops = re.findall(r"scf.for .*", ttir)
+                carried = sum(line.split("->")[-1].count("!tt.ptr") for line in loops)
+                print(fn.__name__, len(re.findall(r"arith.muli .*: i64", ttir)), carried)
+    """, tmp_path)
+    found = {line.split()[0]: tuple(map(int, line.split()[1:])) for line in out.strip().splitlines()
+             if line.endswith(tuple("0123456789"))}
+    assert found["gemm_fwd_kernel"][0] >= 2 and found["grad_input_kernel"][0] >= 2  # input and output tiles
+    assert found["dequantize_kernel"][0] >= 1
+    assert found["grad_scales_kernel"][1] >= 2  # x and dy bases carried by the M loop as pointers

@@ -25,19 +25,23 @@ def gemm_fwd_kernel(
     rows = tl.minimum(grid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % rows
     pid_n = (pid % width) // rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + rm
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    # the tile's first row as one int64 scalar (M x K and M x N can pass 2^31), rows inside it in int32
+    x_tile = x_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_xm
+    y_tile = y_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_ym
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
+        x = tl.load(x_tile + rm[:, None] * stride_xm + k[None, :],
                     mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
         w = dequant_tile(qw_ptr, qh_ptr, qz_ptr, s_ptr, k0, offs_n, k0 // GROUP, K, N, BITS, BLOCK_K, False)
         acc = mma(x, w.to(x.dtype), acc, DOT_PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_tile + rm[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
@@ -93,18 +97,21 @@ def grad_input_kernel(
     """dx[M, K] = dy[M, N] @ W_hat[N, K], reading the packed weights transposed."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + rm
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
     gi = (pid_k * BLOCK_K) // GROUP
+    dy_tile = dy_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_dym  # int64 tile base, int32 inside
+    dx_tile = dx_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_dxm
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         n = n0 + offs_n
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + n[None, :],
+        dy = tl.load(dy_tile + rm[:, None] * stride_dym + n[None, :],
                      mask=(offs_m[:, None] < M) & (n[None, :] < N), other=0.0)
         w = dequant_tile(qw_ptr, qh_ptr, qz_ptr, s_ptr, pid_k * BLOCK_K, n, gi, K, N, BITS, BLOCK_K, True)
         acc = mma(dy, w.to(dy.dtype), acc, DOT_PRECISION, UPCAST)
-    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+    tl.store(dx_tile + rm[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
@@ -130,13 +137,19 @@ def grad_scales_kernel(
     for kk in range(0, GROUP, BLOCK_K):
         k = gi * GROUP + kk + offs_k
         gw = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        # scalar tile bases advance as 64-bit pointers (M x K, M x N may pass 2^31); offsets inside a tile
+        # stay int32 and loop-invariant
+        x_off = offs_m[None, :] * stride_xm + k[:, None]
+        dy_off = offs_m[:, None] * stride_dym + offs_n[None, :]
+        x_base = x_ptr
+        dy_base = dy_ptr
         for m0 in range(0, M, BLOCK_M):
             m = m0 + offs_m
-            xt = tl.load(x_ptr + m[None, :] * stride_xm + k[:, None],
-                         mask=(m[None, :] < M) & (k[:, None] < K), other=0.0)
-            dy = tl.load(dy_ptr + m[:, None] * stride_dym + offs_n[None, :],
-                         mask=(m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+            xt = tl.load(x_base + x_off, mask=(m[None, :] < M) & (k[:, None] < K), other=0.0)
+            dy = tl.load(dy_base + dy_off, mask=(m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
             gw = mma(xt, dy, gw, DOT_PRECISION, UPCAST)
+            x_base += BLOCK_M * stride_xm
+            dy_base += BLOCK_M * stride_dym
         q = load_code_tile(qw_ptr, qh_ptr, gi * GROUP + kk, offs_n, K, N, BITS, BLOCK_K, False)
         ds += tl.sum((q - z[None, :]).to(tl.float32) * gw, axis=0)
         if COMPUTE_DZ:
@@ -159,5 +172,6 @@ def dequantize_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     gi = (pid_k * BLOCK_K) // GROUP
     w = dequant_tile(qw_ptr, qh_ptr, qz_ptr, s_ptr, pid_k * BLOCK_K, offs_n, gi, K, N, BITS, BLOCK_K, True)
-    tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
+    w_tile = w_ptr + (pid_n * BLOCK_N).to(tl.int64) * K  # N x K can pass 2^31 (a 262k-token head x 8192)
+    tl.store(w_tile + tl.arange(0, BLOCK_N)[:, None] * K + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
              mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))

@@ -43,6 +43,9 @@ class KernelWeight(NamedTuple):
 
 def prepare_weight(qweight: torch.Tensor, qzeros: torch.Tensor, spec: QuantSpec) -> KernelWeight:
     """Once per layer (at load or pack time), never per call."""
+    if spec.qweight_shape[0] * spec.qweight_shape[1] >= 2**31:  # kernels index packed words in int32
+        raise ValueError(f"packed weight of {spec.qweight_shape[0]} x {spec.qweight_shape[1]} words exceeds the "
+                         "kernels' int32 word indexing (2^31); split the layer")
     for name, t, shape in (("qweight", qweight, spec.qweight_shape), ("qzeros", qzeros, spec.qzeros_shape)):
         if tuple(t.shape) != shape or t.dtype != torch.int32:
             raise ValueError(f"{name} must be int32 {shape}, got {t.dtype} {tuple(t.shape)}")

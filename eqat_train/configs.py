@@ -43,7 +43,7 @@ class RunConfig:
                                     "stdlib, fortunes, code, licenses, a .txt/.jsonl file, hf:NAME, or a mixture "
                                     "such as self+stdlib")
     seq_len: int = option(512, "tokens per calibration and evaluation window")
-    calib_windows: int = option(128, "calibration windows")
+    calib_windows: int = option(64, "calibration windows (64 vs 128: same validation fidelity after E2E-QP, docs/RESULTS.md)")
     val_windows: int = option(4, "held-out windows for the per-block validation loss")
     eval_windows: int = option(40, "evaluation windows per text")
     eval_texts: list[str] = option(list(DEFAULT_EVAL_TEXTS),

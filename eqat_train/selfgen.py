@@ -34,8 +34,8 @@ STATIC = "static"
 
 @dataclass(frozen=True)
 class SelfGenConfig:
-    sequences: int = 132  # 128 calibration + 4 validation windows
-    seq_len: int = 512
+    sequences: int  # calibration + validation windows (RunConfig's counts)
+    seq_len: int
     chat_fraction: float = 0.5  # share of windows cut from conversations (chat models only)
     greedy_prefix: int = 3
     top_k: int = 50
@@ -113,7 +113,7 @@ def _until(tokens: list[int], eos: int, keep_end: bool = False) -> list[int]:
 
 
 @torch.no_grad()
-def generate_calibration(model: nn.Module, tokenizer, cfg: SelfGenConfig = SelfGenConfig(),
+def generate_calibration(model: nn.Module, tokenizer, cfg: SelfGenConfig,
                          cache_dir: Path | None = None, progress: bool = True) -> torch.Tensor:
     """`[cfg.sequences, cfg.seq_len]` token windows written by `model`, cached and resumable."""
     fp = model_fingerprint(model)

@@ -26,7 +26,7 @@ class KernelConfig:
 # shared memory (tests/test_aot_compile.py); the sweep that chose them is in the README.
 CANDIDATES: dict[str, list[tuple[int | None, list[KernelConfig]]]] = {
     "gemm": [
-        (32, [KernelConfig(16, 64, 64, 4, 2), KernelConfig(16, 128, 128, 4, 2)]),
+        (32, [KernelConfig(16, 64, 64, 4, 2), KernelConfig(16, 128, 64, 4, 2)]),
         (128, [KernelConfig(64, 64, 64, 4, 3), KernelConfig(64, 64, 32, 4, 2)]),
         (None, [KernelConfig(128, 128, 32, 8, 3), KernelConfig(64, 64, 64, 4, 3)]),
     ],

@@ -35,7 +35,7 @@ CANDIDATES: dict[str, list[tuple[int | None, list[KernelConfig]]]] = {
         (128, [KernelConfig(32, 64, 64, 4, 2), KernelConfig(64, 64, 64, 4, 2)]),
         (None, [KernelConfig(128, 64, 64, 8, 3), KernelConfig(128, 64, 32, 8, 3)]),
     ],
-    "grad_scales": [(None, [KernelConfig(64, 64, 32, 4, 3), KernelConfig(128, 64, 64, 8, 2),
+    "grad_scales": [(None, [KernelConfig(32, 64, 32, 4, 3), KernelConfig(128, 64, 64, 8, 2),
                             KernelConfig(64, 128, 32, 4, 2)])],
     "dequantize": [(None, [KernelConfig(1, 64, 64)])],
 }

@@ -91,9 +91,11 @@ class _distributed:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="fidelity of a quantized checkpoint to its fp model (or perplexity of an fp model)")
-    p.add_argument("checkpoint", nargs="?", help="eqat/GPTQ-v2 folder; omit with --model for the fp model alone")
-    p.add_argument("--model", help="fp model to compare with (default: the source recorded in the checkpoint; "
+    p = sub.add_parser("eval", help="fidelity of quantized checkpoints to their fp model (or perplexity of an fp model)")
+    p.add_argument("checkpoints", nargs="*", metavar="checkpoint",
+                   help="eqat/GPTQ-v2 folders (several: the fp model runs once for all); omit with --model for "
+                        "the fp model alone")
+    p.add_argument("--model", help="fp model to compare with (default: the source recorded in the checkpoints; "
                                    "folder, .gguf or Hub id)")
     p.add_argument("--texts", nargs="+", default=list(DEFAULT_EVAL_TEXTS),
                    help="stdlib, fortunes, code, a .txt/.jsonl file or hf:NAME")
@@ -105,22 +107,27 @@ def _eval(args) -> dict:
     from . import fidelity
     from .pipeline import evaluate_texts
 
-    if not args.checkpoint:
+    if not args.checkpoints:
         model, tokenizer = _load(None, args.model)
         return {"perplexity": evaluate_texts(model, tokenizer, args.texts, args.seq_len, args.windows)}
     from .checkpoint import load_quantized, read_quantization_config, source_model
     from .models import load_model
 
-    model, tokenizer = load_quantized(args.checkpoint, dtype=torch.float32)
-    q = read_quantization_config(Path(args.checkpoint))
-    fp_name = args.model or source_model(q)
-    if not fp_name:
-        raise ValueError(f"{args.checkpoint} does not record its source model; pass the fp model with --model")
-    fp_model, _, _ = load_model(fp_name)
-    calibration = q.get("eqat", {}).get("text")
-    rep = fidelity.report(model, fp_model, tokenizer, args.texts, args.seq_len, args.windows, calibration=calibration)
-    print(fidelity.format_table(rep), file=sys.stderr)
-    return {"fidelity": rep}
+    loaded = [load_quantized(c, dtype=torch.float32) for c in args.checkpoints]
+    models, tokenizer = [m for m, _ in loaded], loaded[0][1]
+    configs = [read_quantization_config(Path(c)) for c in args.checkpoints]
+    sources = {source_model(q) for q in configs}
+    if not args.model and (None in sources or len(sources) > 1):
+        raise ValueError(f"the checkpoints record {'no' if None in sources else 'different'} source models "
+                         f"({', '.join(str(s) for s in sources)}); pass the fp model with --model")
+    fp_model = load_model(args.model or sources.pop())[0]
+    calibrations = [q.get("eqat", {}).get("text") for q in configs]
+    reports = fidelity.report_many(models, fp_model, tokenizer, args.texts, args.seq_len, args.windows, calibrations)
+    for checkpoint, rep in zip(args.checkpoints, reports):
+        print(f"{checkpoint}:\n{fidelity.format_table(rep)}", file=sys.stderr)
+    if len(reports) == 1:
+        return {"fidelity": reports[0]}
+    return {"fidelity": dict(zip(args.checkpoints, reports))}
 
 
 def _add_generate(sub) -> None:

@@ -7,6 +7,7 @@ Perplexity on a calibration genre can be bought by fitting that text; these numb
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -43,44 +44,76 @@ class TextFidelity:
 
 def token_kl(fp_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     """KL(fp || q) per position, over the last (vocabulary) dimension, in fp32."""
-    fp_logp = fp_logits.float().log_softmax(-1)
+    return kl_from_log_probs(fp_logits.float().log_softmax(-1), q_logits)
+
+
+def kl_from_log_probs(fp_logp: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """`token_kl` with the fp side's log-probabilities already computed (shared by several models)."""
     return (fp_logp.exp() * (fp_logp - q_logits.float().log_softmax(-1))).sum(-1)
 
 
 @torch.no_grad()
-def compare_on_windows(model: nn.Module, fp_model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
-                       progress: bool = True) -> TextFidelity:
-    """Both models on the same token windows; quantized layers computed exactly (fp32 from the codes).
-    One window at a time by default: two models' full-vocabulary logits and the KL's intermediates are
-    ~0.5 GB per 512-token window for a 49k vocabulary."""
+def compare_many(models: list[nn.Module], fp_model: nn.Module, windows: torch.Tensor, progress: bool = True
+                 ) -> list[TextFidelity]:
+    """Each model against the fp model on the same token windows, the fp forward computed once per window
+    for all of them; quantized layers computed exactly (fp32 from the codes). One window at a time: two
+    models' full-vocabulary logits and the KL's intermediates are ~0.5 GB per 512-token window for a 49k
+    vocabulary."""
     if windows.numel() == 0:
         raise ValueError("no evaluation windows")
-    nll = nll_fp = kl = agree = 0.0
+    nll = [0.0] * len(models)
+    kl = [0.0] * len(models)
+    agree = [0.0] * len(models)
+    nll_fp = 0.0
     count = 0
-    with compute_path(model, "reference"):
-        for start in tqdm(range(0, windows.shape[0], batch_size), desc="fidelity", disable=not progress, leave=False):
-            ids = windows[start:start + batch_size]
-            q = model(ids, use_cache=False).logits[:, :-1].float()
-            fp = fp_model(ids, use_cache=False).logits[:, :-1].float()
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(compute_path(model, "reference"))
+        for start in tqdm(range(windows.shape[0]), desc="fidelity", disable=not progress, leave=False):
+            ids = windows[start:start + 1]
             target = ids[:, 1:].reshape(-1)
-            nll += nn.functional.cross_entropy(q.reshape(-1, q.shape[-1]), target, reduction="sum").item()
+            fp = fp_model(ids, use_cache=False).logits[:, :-1].float()
             nll_fp += nn.functional.cross_entropy(fp.reshape(-1, fp.shape[-1]), target, reduction="sum").item()
-            kl += token_kl(fp, q).sum().item()
-            agree += (q.argmax(-1) == fp.argmax(-1)).sum().item()
+            fp_top = fp.argmax(-1)
+            fp_logp = fp.log_softmax(-1)
+            del fp
+            for i, model in enumerate(models):
+                q = model(ids, use_cache=False).logits[:, :-1].float()
+                nll[i] += nn.functional.cross_entropy(q.reshape(-1, q.shape[-1]), target, reduction="sum").item()
+                agree[i] += (q.argmax(-1) == fp_top).sum().item()
+                kl[i] += kl_from_log_probs(fp_logp, q).sum().item()
             count += target.numel()
-    ppl, ppl_fp = math.exp(nll / count), math.exp(nll_fp / count)
-    return TextFidelity(ppl, ppl_fp, ppl / ppl_fp, kl / count, agree / count)
+    ppl_fp = math.exp(nll_fp / count)
+    return [TextFidelity(math.exp(n / count), ppl_fp, math.exp(n / count) / ppl_fp, k / count, a / count)
+            for n, k, a in zip(nll, kl, agree)]
+
+
+def compare_on_windows(model: nn.Module, fp_model: nn.Module, windows: torch.Tensor, progress: bool = True
+                       ) -> TextFidelity:
+    return compare_many([model], fp_model, windows, progress)[0]
 
 
 @torch.no_grad()
+def greedy_batch(model: nn.Module, prompts: list[torch.Tensor], new_tokens: int, exact_length: bool = True
+                 ) -> list[list[int]]:
+    """Greedy continuations of all prompts as one left-padded batch (one decode step per token for all
+    of them). `exact_length` suppresses end-of-sequence so every row has `new_tokens` tokens."""
+    rows = [p.reshape(-1) for p in prompts]
+    width = max(r.numel() for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - r.numel():] = r
+        mask[i, width - r.numel():] = 1
+    device = next(model.parameters()).device
+    extra = {"min_new_tokens": new_tokens} if exact_length else {}
+    gen = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0, **extra)
+    return gen[:, width:].tolist()
+
+
 def greedy_tokens(model: nn.Module, prompts: list[torch.Tensor], new_tokens: int = GREEDY_TOKENS) -> list[list[int]]:
-    out = []
-    for ids in prompts:
-        ids = ids.reshape(1, -1)
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        out.append(gen[0, ids.shape[1]:].tolist())
-    return out
+    return greedy_batch(model, prompts, new_tokens)
 
 
 def leading_agreement(a: list[int], b: list[int]) -> int:
@@ -100,12 +133,18 @@ def greedy_agreement(model: nn.Module, fp_tokens: list[list[int]], prompts: list
 
 
 def chat_answers(model: nn.Module, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens: int = 48) -> list[str]:
-    """Greedy replies to everyday questions through the chat template."""
-    from .generation import generate
-
+    """Greedy replies to everyday questions through the chat template, all questions as one batch; each
+    reply ends at the model's first end-of-sequence token."""
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    prompts = [prompt_ids_for(tokenizer, q) for q in questions]
     with compute_path(model, "reference"):
-        return [generate(model, tokenizer, messages=[{"role": "user", "content": q}], max_new_tokens=max_new_tokens)
-                for q in questions]
+        rows = greedy_batch(model, prompts, max_new_tokens, exact_length=False)
+    replies = []
+    for row in rows:
+        end = next((i for i, t in enumerate(row) if t in eos), len(row))
+        replies.append(tokenizer.decode(row[:end], skip_special_tokens=True))
+    return replies
 
 
 def answered(reply: str) -> bool:
@@ -115,24 +154,34 @@ def answered(reply: str) -> bool:
 def report(model: nn.Module, fp_model: nn.Module, tokenizer, texts: list[str], seq_len: int, n_windows: int,
            calibration: str | None = None, progress: bool = True) -> dict:
     """The fidelity table of `eqat eval` and of the end of `eqat quantize`: per text, then over prompts."""
+    return report_many([model], fp_model, tokenizer, texts, seq_len, n_windows, [calibration], progress)[0]
+
+
+def report_many(models: list[nn.Module], fp_model: nn.Module, tokenizer, texts: list[str], seq_len: int,
+                n_windows: int, calibrations: list[str | None] | None = None, progress: bool = True) -> list[dict]:
+    """`report` for several quantized models of one fp model, which runs once for all of them.
+    `calibrations[i]`: what model i was calibrated on (texts it overlaps are marked, not hidden)."""
     from . import data
 
-    calibrated = set(data.overlapping_texts(calibration, texts)) if calibration is not None else set()
-    per_text = {}
+    calibrations = calibrations or [None] * len(models)
+    reports = [{"texts": {}} for _ in models]
     for text, windows in data.evaluation_windows(tokenizer, texts, seq_len, n_windows).items():
-        row = compare_on_windows(model, fp_model, windows, progress=progress).as_dict()
-        if text in calibrated:
-            row["calibrated_on"] = True  # a fit to this text, not a measure of fidelity
-        per_text[text] = row
+        for rep, row, calibration in zip(reports, compare_many(models, fp_model, windows, progress), calibrations):
+            rep["texts"][text] = row.as_dict()
+            if calibration is not None and text in data.overlapping_texts(calibration, [text]):
+                rep["texts"][text]["calibrated_on"] = True  # a fit to this text, not a measure of fidelity
     prompts = [prompt_ids_for(tokenizer, q) for q in CHAT_QUESTIONS]
     fp_tokens = greedy_tokens(fp_model, prompts)
     fp_replies = chat_answers(fp_model, tokenizer)
-    replies = chat_answers(model, tokenizer)
     asked = [i for i, r in enumerate(fp_replies) if answered(r)]
-    return {"texts": per_text, "greedy_agreement": round(greedy_agreement(model, fp_tokens, prompts), 3),
-            "greedy_tokens": len(fp_tokens[0]),
-            "chat_answered": sum(answered(replies[i]) for i in asked), "chat_asked": len(asked),
-            "chat": [{"question": q, "fp": a, "quantized": b} for q, a, b in zip(CHAT_QUESTIONS, fp_replies, replies)]}
+    for rep, model in zip(reports, models):
+        replies = chat_answers(model, tokenizer)
+        rep.update({"greedy_agreement": round(greedy_agreement(model, fp_tokens, prompts), 3),
+                    "greedy_tokens": len(fp_tokens[0]),
+                    "chat_answered": sum(answered(replies[i]) for i in asked), "chat_asked": len(asked),
+                    "chat": [{"question": q, "fp": a, "quantized": b}
+                             for q, a, b in zip(CHAT_QUESTIONS, fp_replies, replies)]})
+    return reports
 
 
 def prompt_ids_for(tokenizer, question: str) -> torch.Tensor:

@@ -29,6 +29,26 @@ def test_a_model_compared_with_itself_has_zero_kl_and_full_agreement(tiny):
     assert fidelity.greedy_agreement(model, fp_tokens, prompts) == 6
 
 
+def test_several_models_share_one_fp_pass_with_the_same_numbers(tiny_packed_dir, tiny):
+    fp, tok = tiny
+    quantized, _ = load_quantized(tiny_packed_dir, dtype=torch.float32)
+    windows = torch.randint(0, len(tok), (3, 24), generator=torch.Generator().manual_seed(2))
+    together = fidelity.compare_many([quantized, copy.deepcopy(fp)], fp, windows, progress=False)
+    alone = fidelity.compare_on_windows(quantized, fp, windows, progress=False)
+    assert together[0].as_dict() == pytest.approx(alone.as_dict(), rel=1e-5)
+    assert together[1].kl == pytest.approx(0.0, abs=1e-6) and together[1].top1 == 1.0
+
+
+def test_batched_greedy_equals_one_prompt_at_a_time(tiny):
+    """Left padding must not change a prompt's continuation (prompts of different lengths in one batch)."""
+    model, tok = tiny
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, len(tok), (n,), generator=g) for n in (3, 9, 6)]
+    batched = fidelity.greedy_batch(model, prompts, 7)
+    for prompt, row in zip(prompts, batched):
+        assert row == fidelity.greedy_batch(model, [prompt], 7)[0]
+
+
 def test_kl_is_the_full_vocabulary_divergence():
     """token_kl against an independent fp64 sum over the vocabulary."""
     g = torch.Generator().manual_seed(1)

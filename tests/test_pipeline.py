@@ -58,8 +58,13 @@ def test_cli_eval_and_refusals(tiny_model_dir, tmp_path, capsys):
             "--group-size", "32", "--seq-len", "32", "--calib-windows", "4", "--val-windows", "0",
             "--eval-windows", "2", "--eval-texts", "stdlib"]
     assert cli_main(args) == 0
+    capsys.readouterr()
     assert cli_main(["eval", str(out), "--windows", "2", "--seq-len", "32"]) == 0
-    assert '"stdlib"' in capsys.readouterr().out
+    one = json.loads(capsys.readouterr().out)["fidelity"]
+    assert one["texts"]["stdlib"]["kl"] > 0
+    assert cli_main(["eval", str(out), str(out), "--windows", "2", "--seq-len", "32"]) == 0
+    both = json.loads(capsys.readouterr().out)["fidelity"]
+    assert both[str(out)]["texts"] == one["texts"]  # the shared fp pass gives each checkpoint its own numbers
     assert cli_main(args) == 2  # a finished checkpoint is never overwritten
     assert "already holds a finished checkpoint" in capsys.readouterr().err
     assert cli_main(["eval", str(tmp_path / "missing")]) == 2

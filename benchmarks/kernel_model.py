@@ -30,6 +30,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from eqat_kernels.triton_kernels.configs import decode_split, select_config
+
 RESULTS = Path(__file__).parent / "results" / "kernel_model.json"
 
 
@@ -121,7 +123,7 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
     # grid and loop trip counts as the launcher would choose them for this (n, k)
     if kernel == "decode_splitk":
         n_tiles, k_tiles = math.ceil(n / bn), math.ceil(k / bk)
-        split = max(1, min(k_tiles, math.ceil(2 * gpu.sms / (n_tiles * m))))
+        split = decode_split(n_tiles, k_tiles, m, gpu.sms, select_config("decode", m, n, k, bits, group))  # the launcher's
         programs, iters = n_tiles * split * m, math.ceil(k_tiles / split)
     elif kernel == "gemm_fwd":
         programs, iters = math.ceil(m / bm) * math.ceil(n / bn), math.ceil(k / bk)

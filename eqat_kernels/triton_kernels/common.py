@@ -43,6 +43,29 @@ def _unpack_words(qw_ptr, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.cons
 
 
 @triton.jit
+def plane_dot(x_row, plane_ptr, k0, offs_n, n_mask, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(sum_k x[k] * code[k, n], sum_k x[k]) over k0..k0+BLOCK_K of a plane whose codes never straddle words.
+
+    Field j of a word is masked in place, never shifted: as a float it is code * 2^(BITS*j), exact, so a
+    weight costs a mask, a conversion and an FMA. Each field j keeps its own partial sums, and the 2^-(BITS*j)
+    rescale is one multiply per field and column after the K sum. Tiles are [words, fields, columns].
+    """
+    PER: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER
+    rows = k0 // PER + tl.arange(0, WORDS)
+    words = tl.load(plane_ptr + rows[:, None] * N + offs_n[None, :],
+                    mask=(rows[:, None] < K // PER) & n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
+    fields = tl.arange(0, PER)
+    k = k0 + tl.arange(0, WORDS)[:, None] * PER + fields[None, :]
+    x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)  # [WORDS, PER]
+    field_masks = ((1 << BITS) - 1) << (fields * BITS).to(tl.uint32)  # [PER] uint32
+    q = (words[:, None, :] & field_masks[None, :, None]).to(tl.float32)  # code * 2^(BITS*j)
+    per_field = tl.sum(x[:, :, None] * q, axis=0)  # [PER, BN]
+    rescale = ((127 - fields * BITS) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS*j), built exactly
+    return tl.sum(per_field * rescale[:, None], axis=0), tl.sum(tl.sum(x, axis=1), axis=0)
+
+
+@triton.jit
 def load_code_tile(qw_ptr, qh_ptr, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
                    TRANS: tl.constexpr):
     """int32 codes q[k0:k0+BLOCK_K, offs_n] ([BN, BLOCK_K] if TRANS). For 3 bits `qw_ptr`/`qh_ptr` are the

@@ -9,6 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DECODE_MAX_M = 8  # at or below this many rows the split-K GEMV beats tiles padded to 16 rows
+def decode_split(n_tiles: int, k_tiles: int, m: int, sms: int, config: "KernelConfig") -> int:
+    """How many K ranges decode splits into (each program sums one; the reduction adds them in order)."""
+    programs = config.sm_warps * sms // config.num_warps
+    return max(1, min(k_tiles, -(-programs // (n_tiles * m))))
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,9 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     group_m: int = 8
+    # decode only: split K until the grid holds about this many warps per SM, enough loads in flight to
+    # cover DRAM latency with few partial sums to reduce (chosen with benchmarks/kernel_model.py)
+    sm_warps: int = 8
 
 
 # kernel -> M bucket upper bound -> candidates (first = default). None = any larger M.
@@ -30,7 +37,7 @@ CANDIDATES: dict[str, list[tuple[int | None, list[KernelConfig]]]] = {
         (128, [KernelConfig(64, 64, 64, 4, 3), KernelConfig(64, 64, 32, 4, 2)]),
         (None, [KernelConfig(128, 128, 32, 8, 3), KernelConfig(64, 64, 64, 4, 3)]),
     ],
-    "decode": [(None, [KernelConfig(1, 128, 128), KernelConfig(1, 64, 128)])],
+    "decode": [(None, [KernelConfig(1, 256, 64, 2, sm_warps=2), KernelConfig(1, 128, 128)])],
     "grad_input": [
         (128, [KernelConfig(32, 64, 64, 4, 2), KernelConfig(64, 64, 64, 4, 2)]),
         (None, [KernelConfig(128, 64, 64, 8, 3), KernelConfig(128, 64, 32, 8, 3)]),
@@ -49,6 +56,12 @@ EXACT_CANDIDATES: dict[str, list[tuple[int | None, list[KernelConfig]]]] = {
     "grad_scales": [(None, [KernelConfig(32, 32, 32, 4, 2)])],
 }
 
+# (kernel, bits) whose code differs enough to want other tiles. 3-bit decode combines two planes per code
+# (kernels.decode_splitk_kernel): 256x64 tiles of 2 warps spill on sm_80, 128x128 of 4 warps do not.
+BITS_CANDIDATES: dict[tuple[str, int], list[tuple[int | None, list[KernelConfig]]]] = {
+    ("decode", 3): [(None, [KernelConfig(1, 128, 128), KernelConfig(1, 64, 128)])],
+}
+
 _TUNED: dict[str, KernelConfig] = {}
 
 
@@ -61,10 +74,14 @@ def bucket_key(kernel: str, m: int, n: int, k: int, bits: int, group: int, exact
     return f"{kernel}|m{m_bucket(m)}|n{m_bucket(n)}|k{m_bucket(k)}|b{bits}|g{group}" + ("|fp32" if exact else "")
 
 
-def candidates(kernel: str, m: int, exact: bool = False) -> list[KernelConfig]:
-    """`exact`: fp32 activations, whose dots run on FMA (EXACT_CANDIDATES where the kernel has a dot)."""
-    table = EXACT_CANDIDATES if exact and kernel in EXACT_CANDIDATES else CANDIDATES
-    for upper, configs in table[kernel]:
+def candidates(kernel: str, m: int, exact: bool = False, bits: int | None = None) -> list[KernelConfig]:
+    """`exact`: fp32 activations, whose dots run on FMA (EXACT_CANDIDATES where the kernel has a dot);
+    `bits`: BITS_CANDIDATES where that bit-width has its own."""
+    if exact and kernel in EXACT_CANDIDATES:
+        buckets = EXACT_CANDIDATES[kernel]
+    else:
+        buckets = BITS_CANDIDATES.get((kernel, bits), CANDIDATES[kernel])
+    for upper, configs in buckets:
         if upper is None or m <= upper:
             return configs
     raise AssertionError("the last bucket has no upper bound")
@@ -80,7 +97,7 @@ def fit_block_k(block_k: int, group: int) -> int:
 
 
 def select_config(kernel: str, m: int, n: int, k: int, bits: int, group: int, exact: bool = False) -> KernelConfig:
-    return _TUNED.get(bucket_key(kernel, m, n, k, bits, group, exact)) or candidates(kernel, m, exact)[0]
+    return _TUNED.get(bucket_key(kernel, m, n, k, bits, group, exact)) or candidates(kernel, m, exact, bits)[0]
 
 
 def record_tuned(key: str, config: KernelConfig) -> None:

@@ -7,7 +7,7 @@ tile reads its scales and zero points once; the partial last group is masked, ne
 import triton
 import triton.language as tl
 
-from .common import dequant_tile, load_code_tile, load_zeros, mma
+from .common import dequant_tile, load_code_tile, load_zeros, mma, plane_dot
 
 
 @triton.jit
@@ -50,25 +50,36 @@ def decode_splitk_kernel(
     x_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, ws_ptr, M, N, K, stride_xm, K_PER_SPLIT,
     GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Partial sums ws[split, m, n] over one K range per program: GEMV for decode-sized M, no atomics."""
+    """Partial sums ws[split, m, n] over one K range per program: GEMV for decode-sized M, no atomics.
+
+    At 2 and 4 bits the codes are read in place (`plane_dot`: a mask, a conversion and an FMA per weight);
+    3-bit codes are combined from their two planes first.
+    """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < N
+    x_row = x_ptr + m * stride_xm
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        k = k0 + offs_k
-        x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
         gi = k0 // GROUP
-        q = load_code_tile(qw_ptr, qh_ptr, k0, offs_n, K, N, BITS, BLOCK_K, False)
-        z = load_zeros(qz_ptr, gi, offs_n, N, BITS)
-        s = tl.load(s_ptr + gi * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        if BITS == 3:
+            # two planes would cost two conversions per weight in plane_dot; one combined code costs one
+            k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+            q = load_code_tile(qw_ptr, qh_ptr, k0, offs_n, K, N, BITS, BLOCK_K, False)
+            dot = tl.sum(x[:, None] * q.to(tl.float32), axis=0)
+            xsum = tl.sum(x, axis=0)
+        else:
+            dot, xsum = plane_dot(x_row, qw_ptr, k0, offs_n, n_mask, K, N, BITS, BLOCK_K)
+        z = load_zeros(qz_ptr, gi, offs_n, N, BITS).to(tl.float32)
+        s = tl.load(s_ptr + gi * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         # sum_k x_k (q - z) s = s * (sum_k x_k q_k - z * sum_k x_k): one multiply per group, not per weight
-        acc += s * (tl.sum(x[:, None] * q.to(tl.float32), axis=0) - z.to(tl.float32) * tl.sum(x, axis=0))
-    tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, acc, mask=offs_n < N)
+        acc += s * (dot - z * xsum)
+    tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, acc, mask=n_mask)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ import triton
 from ..packing import split_3bit_planes
 from ..spec import QuantSpec
 from . import kernels
-from .configs import DECODE_MAX_M, KernelConfig, fit_block_k, select_config
+from .configs import DECODE_MAX_M, KernelConfig, decode_split, fit_block_k, select_config
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SM_COUNT_FALLBACK = 132
@@ -97,7 +97,7 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
         bk = fit_block_k(cfg.block_k, spec.group)
         n_tiles = triton.cdiv(n, cfg.block_n)
         k_tiles = triton.cdiv(k, bk)
-        split = max(1, min(k_tiles, triton.cdiv(2 * _sm_count(x.device), n_tiles * m)))
+        split = decode_split(n_tiles, k_tiles, m, _sm_count(x.device), cfg)
         k_per_split = triton.cdiv(k_tiles, split) * bk
         split = triton.cdiv(k, k_per_split)
         ws = _output(split, m, n, dtype=torch.float32, device=x.device)

@@ -29,7 +29,7 @@ def warmup(weight: ops.KernelWeight, scales: torch.Tensor, spec: QuantSpec, m_va
                      ("grad_scales", lambda c: ops.grad_scales(x, dy, weight, scales, spec, config=c))]
         for kernel, run in jobs:
             exact = dtype == torch.float32
-            timings = {cfg: triton.testing.do_bench(lambda: run(cfg)) for cfg in candidates(kernel, m, exact)}
+            timings = {cfg: triton.testing.do_bench(lambda: run(cfg)) for cfg in candidates(kernel, m, exact, spec.bits)}
             best = min(timings, key=timings.get)
             key = bucket_key(kernel, m, spec.out_features, spec.in_features, spec.bits, spec.group, exact)
             record_tuned(key, best)

@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from eqat_kernels.triton_kernels.configs import decode_split, select_config
+from eqat_kernels.triton_kernels.configs import DECODE_MAX_M, fit_block_k, select_config, split_k, uses_dense
 
 RESULTS = Path(__file__).parent / "results" / "kernel_model.json"
 
@@ -111,6 +111,19 @@ def _weight_bytes_per_iteration(kernel: str, cfg: dict, bits: int, group: int, k
     return bn * bk * bits / 8 + bn * (bk / g) * (2 + bits / 8)
 
 
+def launch_split(report: dict, gpu: GPU, n: int, k: int) -> int:
+    """The K split the launcher chooses for `report`'s launch re-gridded to (n, k) on `gpu` (ops._k_ranges)."""
+    m, bits, group = report["m"], report["bits"], report["group_size"]
+    exact = report["dtype"] == "float32"
+    decode = m <= DECODE_MAX_M
+    cfg = select_config("decode" if decode else "gemm", m, n, k, bits, group, exact)
+    bk = fit_block_k(cfg.block_k, k if group == -1 else group)
+    tiles = math.ceil(n / cfg.block_n) * (m if decode else math.ceil(m / cfg.block_m))
+    k_tiles = math.ceil(k / bk)
+    per_split = math.ceil(k_tiles / split_k(tiles, k_tiles, gpu.sms, cfg))
+    return math.ceil(k_tiles / per_split)
+
+
 def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
     """Predicted time of one launch of `report`'s kernel, re-gridded for (n, k)."""
     kernel, cfg, bits, group, m = report["kernel"], report["config"], report["bits"], report["group_size"], report["m"]
@@ -119,24 +132,27 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
     threads = 32 * cfg.get("num_warps", 4)
     bn, bk, bm = cfg.get("BLOCK_N", 1), cfg.get("BLOCK_K", 1), cfg.get("BLOCK_M", 1)
     wbytes = _weight_bytes_per_iteration(kernel, cfg, bits, group, k)
-    ipb = len(loop) * threads / wbytes if wbytes else float("nan")
+    # a kernel without a K loop (dequantize) is one tile per program: all its instructions count
+    ipb = len(loop or instrs) * threads / wbytes if wbytes else float("nan")
+    split = launch_split(report, gpu, n, k) if kernel in ("decode_splitk", "gemm_fwd", "splitk_reduce") else 1
     # grid and loop trip counts as the launcher would choose them for this (n, k)
     if kernel == "decode_splitk":
         n_tiles, k_tiles = math.ceil(n / bn), math.ceil(k / bk)
-        split = decode_split(n_tiles, k_tiles, m, gpu.sms, select_config("decode", m, n, k, bits, group))  # the launcher's
         programs, iters = n_tiles * split * m, math.ceil(k_tiles / split)
     elif kernel == "gemm_fwd":
-        programs, iters = math.ceil(m / bm) * math.ceil(n / bn), math.ceil(k / bk)
+        programs, iters = math.ceil(m / bm) * math.ceil(n / bn) * split, math.ceil(math.ceil(k / bk) / split)
     elif kernel == "grad_input":
         programs, iters = math.ceil(m / bm) * math.ceil(k / bk), math.ceil(n / bn)
     elif kernel == "grad_scales":
         programs, iters = math.ceil(n / bn) * math.ceil(k / (k if group == -1 else group)), math.ceil(m / bm)
     elif kernel == "splitk_reduce":
-        programs, iters = m * math.ceil(n / cfg.get("BLOCK_N", 256)), cfg.get("SPLIT_K", 8)
+        programs, iters = m * math.ceil(n / cfg.get("BLOCK_N", 256)), split
+    elif kernel == "dequantize":
+        programs, iters = math.ceil(n / bn) * math.ceil(k / bk), 1
     else:
         programs, iters = 1, 1
     body = len(loop) or len(instrs)
-    other = len(instrs) - len(loop)
+    other = len(instrs) - len(loop) if loop else 0
     thread_instrs = programs * threads * (iters * body + other)
     # occupancy: resident programs per SM from registers, threads and shared memory
     regs = max(report["registers"], 1)
@@ -155,19 +171,21 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
     rereads = 0 if weight_total <= gpu.l2_bytes / 2 else 1
     if kernel in ("gemm_fwd", "grad_input"):
         weight_reads = weight_total * (1 + rereads * (math.ceil(m / bm) - 1))
-        io = act * (m * k + m * n)
+        io = act * (m * k + m * n) + (4 * m * n * split if split > 1 else 0)  # fp32 partials of a split
     elif kernel == "grad_scales":
         weight_reads = weight_total
         io = act * (m * k + m * n) * math.ceil(n / bn)  # x re-read per N tile, dy per group
     elif kernel == "decode_splitk":
         weight_reads = weight_total * (1 + rereads * (m - 1))  # one program per row reads the whole weight
         io = act * m * k + 4 * m * n * math.ceil(k / bk / iters)
+    elif kernel == "dequantize":
+        weight_reads, io = weight_total, act * n * k  # the dense W_hat written once
     else:
-        weight_reads, io = 0.0, 4 * m * n * cfg.get("SPLIT_K", 8) + act * m * n
+        weight_reads, io = 0.0, 4 * m * n * split + act * m * n
     bytes_total = weight_reads + io
     # loads one program has outstanding: an iteration's tiles (times the software-pipelining depth); the
     # reduction reads all SPLIT_K partial rows at once
-    per_program = (cfg.get("BLOCK_N", 256) * 4 * cfg.get("SPLIT_K", 8) if kernel == "splitk_reduce"
+    per_program = (cfg.get("BLOCK_N", 256) * 4 * split if kernel == "splitk_reduce"
                    else wbytes * max(1, cfg.get("num_stages", 1) - 1))
     in_flight = active_sms * resident * per_program
     efficiency = min(1.0, in_flight / (gpu.bandwidth * gpu.latency_s))
@@ -210,11 +228,14 @@ def collect(workers: int = 2) -> list[dict]:
             for n, k in SHAPES:
                 rows = [{**model_row(r, gpu, n, k), "kernel": r["kernel"], "config": r["config"],
                          "registers": r["registers"], "shared_bytes": r["shared_bytes"]} for r in reports]
-                ours = sum(r["predicted_us"] for r in rows)
+                # forward / dx from DENSE_MIN_M rows: our dequantize, then cuBLAS on the dense weight
+                dense = op in ("forward", "grad_input") and uses_dense(op, m, gpu.cc, True)
+                ours = sum(r["predicted_us"] for r in rows) + (fp16_cublas_us(gpu, m, n, k) if dense else 0.0)
                 base = fp16_cublas_us(gpu, m, n, k)
                 main = rows[0]
                 records.append({
-                    "gpu": gpu.name, "op": op, "kernel": "+".join(r["kernel"] for r in rows), "bits": bits,
+                    "gpu": gpu.name, "op": op, "kernel": "+".join([r["kernel"] for r in rows] + ["cublas"] * dense),
+                    "bits": bits,
                     "group_size": group, "M": m, "N": n, "K": k,
                     "instr_per_weight_byte": main["instr_per_weight_byte"],
                     "predicted_us": round(ours, 3), "predicted_fp16_us": round(base, 3),
@@ -225,6 +246,56 @@ def collect(workers: int = 2) -> list[dict]:
                     "shared_bytes": main["shared_bytes"], "config": main["config"], "mix": main["mix"],
                     "label": "predicted"})
     return records
+
+
+CROSSOVER_M = (128, 256, 512, 1024, 2048, 4096)
+
+
+def _fused_builds(job):
+    from eqat_kernels.triton_kernels.aot import Case, build
+
+    op, bits, group, cc = job
+    kernel = "gemm" if op == "forward" else op
+    config = select_config(kernel, 4096, 4096, 4096, bits, group)  # the tiles of every M above 128
+    return job, [asdict(r) for r in build(Case(op, 4096, 4096, 4096, bits, group, config=config), cc, with_sass=True)]
+
+
+def crossover(workers: int = 2) -> list[dict]:
+    """Forward and dx on 4096 x 4096 at several M: our fused tiles vs dequantize + cuBLAS, both PREDICTED;
+    the evidence for `configs.DENSE_MIN_M`."""
+    from eqat_kernels.triton_kernels.aot import Case, build
+
+    jobs = [(op, b, g, gpu.cc) for gpu in GPUS.values() for op in ("forward", "grad_input") for b, g in SETTINGS.values()]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        fused = dict(pool.map(_fused_builds, jobs))
+    rows = []
+    for gpu in GPUS.values():
+        for b, g in SETTINGS.values():
+            deq = [asdict(r) for r in build(Case("dequantize", 1, 4096, 4096, b, g), gpu.cc, with_sass=True)][0]
+            t_deq = model_row(deq, gpu, 4096, 4096)["predicted_us"]
+            for op in ("forward", "grad_input"):
+                report = fused[(op, b, g, gpu.cc)][0]
+                for m in CROSSOVER_M:
+                    t_fused = model_row({**report, "m": m}, gpu, 4096, 4096)["predicted_us"]
+                    t_cublas = fp16_cublas_us(gpu, m, 4096, 4096)
+                    rows.append({"gpu": gpu.name, "op": op, "bits": b, "group_size": g, "M": m,
+                                 "fused_us": round(t_fused, 2), "dense_us": round(t_deq + t_cublas, 2),
+                                 "fp16_us": round(t_cublas, 2), "label": "predicted"})
+    return rows
+
+
+def print_crossover(rows: list[dict]) -> None:
+    print("\nPREDICTED fused tiles vs dequantize + cuBLAS, 4096 x 4096 (speedup vs fp16 cuBLAS; * = launcher's path)")
+    print(f"{'gpu':5} {'op':11} {'setting':7} " + " ".join(f"{'M=' + str(m):>13}" for m in CROSSOVER_M))
+    keys = sorted({(r["gpu"], r["op"], r["bits"], r["group_size"]) for r in rows})
+    for gpu, op, bits, group in keys:
+        cells = []
+        for m in CROSSOVER_M:
+            r = next(x for x in rows if (x["gpu"], x["op"], x["bits"], x["group_size"], x["M"]) == (gpu, op, bits, group, m))
+            f, d = r["fp16_us"] / r["fused_us"], r["fp16_us"] / r["dense_us"]
+            dense = uses_dense(op, m, GPUS[gpu].cc, True)
+            cells.append(f"{f:.2f}{'*' if not dense else ' '}/{d:.2f}{'*' if dense else ' '}")
+        print(f"{gpu:5} {op:11} w{bits}g{group:<5} " + " ".join(f"{c:>13}" for c in cells))
 
 
 def print_table(records: list[dict]) -> None:
@@ -290,8 +361,11 @@ def main() -> int:
         problems = check(records, json.loads(RESULTS.read_text()))
         print("\n".join(problems) or "no regression against the committed predictions")
         return 1 if problems else 0
+    cross = crossover()
+    print_crossover(cross)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(records, indent=1))
+    Path(args.out).with_name("kernel_crossover.json").write_text(json.dumps(cross, indent=1))
     plot(records, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
     return 0

@@ -11,7 +11,7 @@ import torch
 from eqat_kernels import reference
 from eqat_kernels.quantizer import expand_groups
 from eqat_kernels.spec import QuantSpec
-from eqat_kernels.triton_kernels import ops
+from eqat_kernels.triton_kernels import configs, ops
 
 from helpers import TOLERANCE, random_packed, rel_err
 
@@ -70,6 +70,33 @@ def test_decode_and_gemm_paths_agree_at_the_switch(poisoned_outputs, m):
     spec, qweight, qzeros, scales, weight, x, _ = _setup(4, 128, torch.float16, m, 64, 576)
     ref = reference.forward(x.double(), qweight, qzeros, scales, spec)
     assert rel_err(ops.forward(x, weight, scales, spec), ref) < 1e-3
+
+
+@pytest.mark.parametrize("bits,group,dtype", [(3, 128, torch.float16), (2, 64, torch.bfloat16)])
+def test_large_m_dequantize_then_matmul_matches_reference(poisoned_outputs, bits, group, dtype):
+    """From DENSE_MIN_M rows, forward and dx dequantize once and multiply densely (cuBLAS on a GPU)."""
+    assert not configs.uses_dense("forward", 4096, 80, True) and configs.uses_dense("grad_input", 4096, 86, True)
+    assert configs.uses_dense("forward", 4096, 120, True)  # a newer GPU takes the newest known rule
+    m = configs.DENSE_MIN_M[("forward", 90)] + 7  # off a GPU the launchers decide as on an H100
+    for op in ("forward", "grad_input"):
+        assert configs.uses_dense(op, m, ops.target_capability(torch.device("cpu")), True)
+        assert not configs.uses_dense(op, m, 90, False)
+    spec, qweight, qzeros, scales, weight, x, dy = _setup(bits, group, dtype, m, 96, 576)
+    bias = torch.randn(96).to(dtype)
+    y = ops.forward(x, weight, scales, spec, bias)
+    assert y.dtype == dtype and y.shape == (m, 96)
+    assert rel_err(y, reference.forward(x.double(), qweight, qzeros, scales, spec, bias.double())) < TOLERANCE[dtype]
+    dx = ops.grad_input(dy, weight, scales, spec)
+    assert rel_err(dx, reference.grad_input(dy.double(), qweight, qzeros, scales, spec)) < TOLERANCE[dtype]
+
+
+def test_mid_m_gemm_splits_k_when_tiles_are_few():
+    """M = 17 on a 64-wide layer is one or two tiles: K is split so the grid fills the GPU; M = 4096 is not
+    (the split GEMM's numbers are checked by the reference tests above, M = 17 and 130)."""
+    cfg = configs.select_config("gemm", 17, 64, 576, 4, 128)
+    assert configs.split_k(1, 576 // cfg.block_k, 132, cfg) > 1
+    big = configs.select_config("gemm", 4096, 4096, 4096, 4, 128)
+    assert configs.split_k((4096 // big.block_m) * (4096 // big.block_n), 4096 // big.block_k, 132, big) == 1
 
 
 def test_leading_dims_and_non_contiguous_input(poisoned_outputs):

@@ -77,29 +77,34 @@ class BuildReport:
 
 
 @contextlib.contextmanager
-def _captured_launches():
-    """Inside: `kernel[grid](...)` records (kernel, args, kwargs, grid) instead of launching."""
+def _captured_launches(cc: int):
+    """Inside: `kernel[grid](...)` records (kernel, args, kwargs, grid) instead of launching, the launchers
+    decide as on compute capability `cc`, and the large-M path's cuBLAS product (`ops.dense_matmul`, not a
+    Triton kernel) returns an empty result."""
     launches = []
-    original = JITFunction.run
+    saved = JITFunction.run, ops.dense_matmul, ops.target_capability
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append((self, args, kwargs, tuple(grid)))
 
     JITFunction.run = record
+    ops.dense_matmul = lambda a, b: torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
+    ops.target_capability = lambda device: cc
     try:
         yield launches
     finally:
-        JITFunction.run = original
+        JITFunction.run, ops.dense_matmul, ops.target_capability = saved
 
 
-def launches(case: Case) -> list[tuple]:
-    """The kernel launches `ops.py` issues for `case`, with CPU tensors standing in for device memory."""
+def launches(case: Case, cc: int = 90) -> list[tuple]:
+    """The kernel launches `ops.py` issues for `case` on `sm_{cc}`, with CPU tensors standing in for device
+    memory."""
     spec = QuantSpec(case.bits, case.group_size, case.k, case.n)
     weight = ops.prepare_weight(torch.zeros(spec.qweight_shape, dtype=torch.int32),
                                 torch.zeros(spec.qzeros_shape, dtype=torch.int32), spec)
     scales = torch.ones(spec.scales_shape, dtype=DTYPES[case.scales])
     act = DTYPES[case.act]
-    with _captured_launches() as found:
+    with _captured_launches(cc) as found:
         if case.op == "forward":
             ops.forward(torch.zeros(case.m, case.k, dtype=act), weight, scales, spec, config=case.config)
         elif case.op == "grad_input":
@@ -174,7 +179,7 @@ def build(case: Case, cc: int, with_sass: bool = False) -> list[BuildReport]:
     """Every kernel `case` launches, compiled for `sm_{cc}` as the JIT would, with its resources."""
     arch = "sm_90a" if cc == 90 else f"sm_{cc}"
     reports = []
-    for fn, args, kwargs, grid in launches(case):
+    for fn, args, kwargs, grid in launches(case, cc):
         compiled, marks = compile_launch(fn, args, kwargs, cc)
         ptx = compiled.asm["ptx"]
         config = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_") or k in ("num_warps", "num_stages",
@@ -207,10 +212,11 @@ def shipped_cases(bits=(2, 3, 4), acts=("float16", "bfloat16")) -> list[Case]:
 
 def variant_cases(bits=(2, 3, 4)) -> list[Case]:
     """The launchers' own choices across what changes the code: group sizes, fp32 master scales (E2E-QP),
-    the fp32-activation path (`--no-bf16`), decode with M > 1."""
+    the fp32-activation path (`--no-bf16`), decode with M > 1. At M = 4096 fp16/bf16 forward and dx
+    dequantize + cuBLAS (`configs.DENSE_MIN_M`), so the fused large tiles are built at M = 256."""
     n, k = SHAPE
-    ops_m = [("forward", 1), ("forward", 4), ("forward", 16), ("forward", 4096), ("grad_input", 4096),
-             ("grad_scales", 4096)]
+    ops_m = [("forward", 1), ("forward", 4), ("forward", 16), ("forward", 256), ("grad_input", 256),
+             ("forward", 4096), ("grad_scales", 4096)]
     variants = [dict(group_size=32), dict(group_size=64), dict(group_size=-1),
                 dict(act="bfloat16", scales="float32"), dict(act="float32", scales="float32")]
     return [Case(op, m, n, k, b, **v) for op, m in ops_m for b in bits for v in variants]

@@ -9,10 +9,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DECODE_MAX_M = 8  # at or below this many rows the split-K GEMV beats tiles padded to 16 rows
-def decode_split(n_tiles: int, k_tiles: int, m: int, sms: int, config: "KernelConfig") -> int:
-    """How many K ranges decode splits into (each program sums one; the reduction adds them in order)."""
+# fp16/bf16 forward and dx from this many rows dequantize the weight once (one pass over N x K) and let
+# cuBLAS multiply; None: never. Per (op, architecture), from the crossover that benchmarks/kernel_model.py
+# PREDICTS on 4096 x 4096 (docs/RESULTS.md): on H100 the fused tiles are issue-bound (0.2-0.6x fp16
+# cuBLAS) and dense wins from M = 1024 (forward) / 512 (dx); on A100 the fused forward stays at the tensor
+# roofline, dense dx wins from 512. An unknown architecture takes the rule of the newest one below it.
+DENSE_MIN_M: dict[tuple[str, int], int | None] = {
+    ("forward", 80): None, ("grad_input", 80): 512,
+    ("forward", 90): 1024, ("grad_input", 90): 512,
+}
+
+
+def uses_dense(op: str, m: int, capability: int, dtype_is_half: bool) -> bool:
+    """Whether `op` (forward / grad_input) at `m` rows on compute capability `capability` (e.g. 90) takes the
+    dequantize + cuBLAS path; fp32 activations keep the exact fused FMA tiles."""
+    known = [cc for o, cc in DENSE_MIN_M if o == op and cc <= capability] or [min(cc for _, cc in DENSE_MIN_M)]
+    threshold = DENSE_MIN_M[(op, max(known))]
+    return dtype_is_half and threshold is not None and m >= threshold
+
+
+def split_k(tiles: int, k_tiles: int, sms: int, config: "KernelConfig") -> int:
+    """How many K ranges a launch of `tiles` output tiles splits into (each program sums one range; a
+    reduction adds them in order): enough programs for ~`config.sm_warps` warps per SM, so a grid of few
+    tiles (decode, or M = 9..128 on a narrow layer) still keeps every SM's loads in flight."""
     programs = config.sm_warps * sms // config.num_warps
-    return max(1, min(k_tiles, -(-programs // (n_tiles * m))))
+    return max(1, min(k_tiles, -(-programs // tiles)))
 
 
 @dataclass(frozen=True)
@@ -23,7 +44,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     group_m: int = 8
-    # decode only: split K until the grid holds about this many warps per SM, enough loads in flight to
+    # decode and GEMM: split K until the grid holds about this many warps per SM, enough loads in flight to
     # cover DRAM latency with few partial sums to reduce (chosen with benchmarks/kernel_model.py)
     sm_warps: int = 8
 
@@ -37,7 +58,7 @@ CANDIDATES: dict[str, list[tuple[int | None, list[KernelConfig]]]] = {
         (128, [KernelConfig(64, 64, 64, 4, 3), KernelConfig(64, 64, 32, 4, 2)]),
         (None, [KernelConfig(128, 128, 32, 8, 3), KernelConfig(64, 64, 64, 4, 3)]),
     ],
-    "decode": [(None, [KernelConfig(1, 256, 64, 2, sm_warps=2), KernelConfig(1, 128, 128)])],
+    "decode": [(None, [KernelConfig(1, 256, 64, 2, sm_warps=4), KernelConfig(1, 128, 128)])],
     "grad_input": [
         (128, [KernelConfig(32, 64, 64, 4, 2), KernelConfig(64, 64, 64, 4, 2)]),
         (None, [KernelConfig(128, 64, 64, 8, 3), KernelConfig(128, 64, 32, 8, 3)]),

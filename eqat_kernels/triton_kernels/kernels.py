@@ -12,12 +12,17 @@ from .common import dequant_tile, load_code_tile, load_zeros, mma, plane_dot
 
 @triton.jit
 def gemm_fwd_kernel(
-    x_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+    x_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, K_PER_SPLIT,
     GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y[M, N] = x[M, K] @ W_hat^T, tiled tl.dot with W dequantized in registers."""
+    """y[M, N] = x[M, K] @ W_hat^T, tiled tl.dot with W dequantized in registers.
+
+    Program (tile, s) sums K range s; with one range `y_ptr` is the output, with several it is fp32
+    partials ws[s, M, N] that `splitk_reduce_kernel` adds in order (few tiles: M = 9..128 on narrow layers).
+    """
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     width = GROUP_M * grid_n  # grouped ordering keeps weight tiles hot in L2
@@ -31,9 +36,10 @@ def gemm_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     # the tile's first row as one int64 scalar (M x K and M x N can pass 2^31), rows inside it in int32
     x_tile = x_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_xm
-    y_tile = y_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_ym
+    y_tile = y_ptr + (pid_k.to(tl.int64) * M + pid_m * BLOCK_M) * stride_ym
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = pid_k * K_PER_SPLIT
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         k = k0 + offs_k
         x = tl.load(x_tile + rm[:, None] * stride_xm + k[None, :],
                     mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
@@ -84,16 +90,17 @@ def decode_splitk_kernel(
 
 @triton.jit
 def splitk_reduce_kernel(
-    ws_ptr, b_ptr, y_ptr, M, N, stride_ym,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ws_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT_K,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """y[m, n] = sum over splits in a fixed order (deterministic) + bias, cast to the output dtype."""
+    """y[m, n] = sum over splits in a fixed order (deterministic) + bias, cast to the output dtype. The
+    split count is a runtime argument: one build serves every split the launcher chooses."""
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for split in range(SPLIT_K):
-        acc += tl.load(ws_ptr + (split * M + m) * N + offs_n, mask=mask, other=0.0)
+        acc += tl.load(ws_ptr + (split * M + m).to(tl.int64) * N + offs_n, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask)

@@ -11,10 +11,11 @@ import triton
 from ..packing import split_3bit_planes
 from ..spec import QuantSpec
 from . import kernels
-from .configs import DECODE_MAX_M, KernelConfig, decode_split, fit_block_k, select_config
+from .configs import DECODE_MAX_M, KernelConfig, fit_block_k, select_config, split_k, uses_dense
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SM_COUNT_FALLBACK = 132
+_SM_COUNT_FALLBACK = 132  # off a GPU (the interpreter, AOT builds): an H100's
+_CAPABILITY_FALLBACK = 90
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
@@ -76,56 +77,91 @@ def _output(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
+def target_capability(device: torch.device) -> int:
+    """Compute capability as major*10 + minor (90 for H100); what `configs.uses_dense` decides by."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return _CAPABILITY_FALLBACK
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return _SM_COUNT_FALLBACK
 
 
+def dense_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` by the vendor BLAS: the second half of the large-M path (`configs.uses_dense`)."""
+    return a @ b
+
+
+def _reduce(ws: torch.Tensor, bias, y: torch.Tensor) -> None:
+    """y = sum of the fp32 partials ws[split, m, n] in split order (+ bias): deterministic, no atomics."""
+    split, m, n = ws.shape
+    kernels.splitk_reduce_kernel[(m, triton.cdiv(n, 256))](
+        ws, y if bias is None else bias, y, m, n, y.stride(0), split, HAS_BIAS=bias is not None, BLOCK_N=256,
+    )
+
+
+def _k_ranges(k: int, bk: int, tiles: int, device: torch.device, cfg: KernelConfig) -> tuple[int, int]:
+    """(split, K per split) for a launch of `tiles` output tiles: every range a whole number of K tiles."""
+    k_tiles = triton.cdiv(k, bk)
+    k_per_split = triton.cdiv(k_tiles, split_k(tiles, k_tiles, _sm_count(device), cfg)) * bk
+    return triton.cdiv(k, k_per_split), k_per_split
+
+
 def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config: KernelConfig | None = None):
-    """`y = x @ W_hat^T (+ bias)`: split-K GEMV for M <= 8, tiled GEMM above."""
+    """`y = x @ W_hat^T (+ bias)`: split-K GEMV for M <= 8, tiled GEMM (split along K when its tiles are too
+    few to fill the GPU) above, dequantize + cuBLAS from `configs.DENSE_MIN_M` rows in fp16/bf16 where
+    that is predicted faster."""
     x2 = check_activation(x, spec, spec.in_features, "x")
     check_packed(weight, scales, spec, x.device)
     m, n, k = x2.shape[0], spec.out_features, spec.in_features
+    if config is None and uses_dense("forward", m, target_capability(x.device), x.dtype != torch.float32):
+        y = dense_matmul(x2, dequantize(weight, scales, spec, x.dtype).t())
+        if bias is not None:
+            y += bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], n)
     y = _output(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    has_bias = bias is not None
-    b = bias.contiguous() if has_bias else y
     if m <= DECODE_MAX_M:
         cfg = config or select_config("decode", m, n, k, spec.bits, spec.group)
         bk = fit_block_k(cfg.block_k, spec.group)
         n_tiles = triton.cdiv(n, cfg.block_n)
-        k_tiles = triton.cdiv(k, bk)
-        split = decode_split(n_tiles, k_tiles, m, _sm_count(x.device), cfg)
-        k_per_split = triton.cdiv(k_tiles, split) * bk
-        split = triton.cdiv(k, k_per_split)
+        split, k_per_split = _k_ranges(k, bk, n_tiles * m, x.device, cfg)
         ws = _output(split, m, n, dtype=torch.float32, device=x.device)
         kernels.decode_splitk_kernel[(n_tiles, split, m)](
             x2, *weight, scales, ws, m, n, k, x2.stride(0), k_per_split,
             GROUP=spec.group, BITS=spec.bits, BLOCK_N=cfg.block_n, BLOCK_K=bk,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        kernels.splitk_reduce_kernel[(m, triton.cdiv(n, 256))](
-            ws, b, y, m, n, y.stride(0), SPLIT_K=split, HAS_BIAS=has_bias, BLOCK_N=256,
-        )
+        _reduce(ws, bias, y)
     else:
         cfg = config or select_config("gemm", m, n, k, spec.bits, spec.group, x.dtype == torch.float32)
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-        kernels.gemm_fwd_kernel[grid](
-            x2, *weight, scales, b, y, m, n, k, x2.stride(0), y.stride(0),
-            GROUP=spec.group, BITS=spec.bits, HAS_BIAS=has_bias, **_dot_args(x.dtype),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=fit_block_k(cfg.block_k, spec.group),
+        bk = fit_block_k(cfg.block_k, spec.group)
+        tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        split, k_per_split = _k_ranges(k, bk, tiles, x.device, cfg)
+        out = y if split == 1 else _output(split, m, n, dtype=torch.float32, device=x.device)
+        kernels.gemm_fwd_kernel[(tiles, split)](
+            x2, *weight, scales, y if bias is None else bias, out, m, n, k, x2.stride(0), out.stride(-2), k_per_split,
+            GROUP=spec.group, BITS=spec.bits, HAS_BIAS=bias is not None and split == 1, **_dot_args(x.dtype),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+        if split > 1:
+            _reduce(out, bias, y)
     return y.reshape(*x.shape[:-1], n)
 
 
 def grad_input(dy, weight: KernelWeight, scales, spec: QuantSpec, config: KernelConfig | None = None):
-    """`dx = dy @ W_hat`."""
+    """`dx = dy @ W_hat` (dequantize + cuBLAS from `configs.DENSE_MIN_M` rows in fp16/bf16)."""
     dy2 = check_activation(dy, spec, spec.out_features, "dy")
     check_packed(weight, scales, spec, dy.device)
     m, n, k = dy2.shape[0], spec.out_features, spec.in_features
+    if config is None and uses_dense("grad_input", m, target_capability(dy.device), dy.dtype != torch.float32):
+        return dense_matmul(dy2, dequantize(weight, scales, spec, dy.dtype)).reshape(*dy.shape[:-1], k)
     dx = _output(m, k, dtype=dy.dtype, device=dy.device)
     if m:
         cfg = config or select_config("grad_input", m, n, k, spec.bits, spec.group, dy.dtype == torch.float32)

@@ -22,7 +22,7 @@ from eqat_kernels import QuantLinear, replace_module
 from eqat_kernels.spec import QuantSpec
 
 from .faults import crash_point
-from .models import linear_features
+from .models import fold_head_input, linear_features
 
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")  # "gptq" = v1: zero points stored as z - 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -214,7 +214,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | str = "auto") -> tuple
         if not name.endswith("scales") and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
     model.eval()
-    return model, load_tokenizer(path)
+    return fold_head_input(model), load_tokenizer(path)
 
 
 def load_tokenizer(path: Path):

@@ -76,6 +76,21 @@ def check_gguf(path: Path):
     return reader
 
 
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
+
+
+def fold_head_input(model: nn.Module) -> nn.Module:
+    """Hand the LM head a contiguous input. `generate`'s prefill gives it `hidden[:, -1:, :]`, a strided view
+    that torch's CPU matmul cannot fold into one 2-D product: it broadcasts the [hidden, vocab] weight over
+    the batch for a bmm instead, 64 rows x 576 x 49k bf16 = 3.6 GB for an instant (the RSS spikes of
+    self-generation; measured peak of one batch-64 `generate` 4.96 GB -> 1.33 GB). Returns `model`."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_input)
+    return model
+
+
 def load_model(model: str | None = None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) in eval mode on CPU. Hub ids use the normal cache; offline, they fail clearly."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -97,7 +112,7 @@ def load_model(model: str | None = None, dtype: torch.dtype = torch.float32):
         raise ValueError(f"{source.describe()} parses as GGUF but does not describe a loadable model: "
                          f"{type(e).__name__}: {e}") from None
     lm.eval()  # the config stays the source's: every training pass asks for use_cache=False itself
-    return lm, tokenizer, source
+    return fold_head_input(lm), tokenizer, source
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -84,3 +84,17 @@ def test_too_short_text_names_the_problem():
     tok = type("T", (), {"__call__": lambda self, text, **k: type("E", (), {"input_ids": torch.arange(10)[None]})()})()
     with pytest.raises(ValueError, match="fewer than one window of 64"):
         data.tokenize_windows(tok, "short", 64)
+
+
+def test_generate_hands_the_lm_head_a_contiguous_input(tiny_model_dir, tiny_packed_dir):
+    """generate's prefill slices the last position; a strided head input makes torch's CPU matmul broadcast
+    the head weight over the batch (3.6 GB at batch 64 on SmolLM2). Loaded models fold it back."""
+    from eqat_train.checkpoint import load_quantized
+
+    for model in (models.load_model(str(tiny_model_dir))[0], load_quantized(tiny_packed_dir, dtype=torch.float32)[0]):
+        seen = []
+        model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+        prompts = torch.randint(3, 50, (3, 6))
+        model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=2, do_sample=False,
+                       pad_token_id=0)
+        assert seen and all(seen)

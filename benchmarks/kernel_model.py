@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from eqat_kernels.triton_kernels.configs import DECODE_MAX_M, fit_block_k, select_config, split_k, uses_dense
+from eqat_kernels.triton_kernels.configs import DECODE_MAX_M, fit_block_k, k_ranges, select_config, uses_dense
 
 RESULTS = Path(__file__).parent / "results" / "kernel_model.json"
 
@@ -112,16 +112,14 @@ def _weight_bytes_per_iteration(kernel: str, cfg: dict, bits: int, group: int, k
 
 
 def launch_split(report: dict, gpu: GPU, n: int, k: int) -> int:
-    """The K split the launcher chooses for `report`'s launch re-gridded to (n, k) on `gpu` (ops._k_ranges)."""
+    """The K split the launcher chooses for `report`'s launch re-gridded to (n, k) on `gpu` (configs.k_ranges)."""
     m, bits, group = report["m"], report["bits"], report["group_size"]
     exact = report["dtype"] == "float32"
     decode = m <= DECODE_MAX_M
     cfg = select_config("decode" if decode else "gemm", m, n, k, bits, group, exact)
     bk = fit_block_k(cfg.block_k, k if group == -1 else group)
     tiles = math.ceil(n / cfg.block_n) * (m if decode else math.ceil(m / cfg.block_m))
-    k_tiles = math.ceil(k / bk)
-    per_split = math.ceil(k_tiles / split_k(tiles, k_tiles, gpu.sms, cfg))
-    return math.ceil(k_tiles / per_split)
+    return k_ranges(k, bk, tiles, gpu.sms, cfg)[0]
 
 
 def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:

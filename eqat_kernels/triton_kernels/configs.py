@@ -36,6 +36,14 @@ def split_k(tiles: int, k_tiles: int, sms: int, config: "KernelConfig") -> int:
     return max(1, min(k_tiles, -(-programs // tiles)))
 
 
+def k_ranges(k: int, block_k: int, tiles: int, sms: int, config: "KernelConfig") -> tuple[int, int]:
+    """(split, K per split) the launchers use: `split_k`'s count rounded so every range is a whole number of
+    K tiles (the launch then has `cdiv(k, K per split)` ranges, which can be fewer than asked for)."""
+    k_tiles = -(-k // block_k)
+    k_per_split = -(-k_tiles // split_k(tiles, k_tiles, sms, config)) * block_k
+    return -(-k // k_per_split), k_per_split
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     block_m: int

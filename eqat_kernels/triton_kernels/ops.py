@@ -11,7 +11,7 @@ import triton
 from ..packing import split_3bit_planes
 from ..spec import QuantSpec
 from . import kernels
-from .configs import DECODE_MAX_M, KernelConfig, fit_block_k, select_config, split_k, uses_dense
+from .configs import DECODE_MAX_M, KernelConfig, fit_block_k, k_ranges, select_config, uses_dense
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SM_COUNT_FALLBACK = 132  # off a GPU (the interpreter, AOT builds): an H100's
@@ -104,13 +104,6 @@ def _reduce(ws: torch.Tensor, bias, y: torch.Tensor) -> None:
     )
 
 
-def _k_ranges(k: int, bk: int, tiles: int, device: torch.device, cfg: KernelConfig) -> tuple[int, int]:
-    """(split, K per split) for a launch of `tiles` output tiles: every range a whole number of K tiles."""
-    k_tiles = triton.cdiv(k, bk)
-    k_per_split = triton.cdiv(k_tiles, split_k(tiles, k_tiles, _sm_count(device), cfg)) * bk
-    return triton.cdiv(k, k_per_split), k_per_split
-
-
 def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config: KernelConfig | None = None):
     """`y = x @ W_hat^T (+ bias)`: split-K GEMV for M <= 8, tiled GEMM (split along K when its tiles are too
     few to fill the GPU) above, dequantize + cuBLAS from `configs.DENSE_MIN_M` rows in fp16/bf16 where
@@ -130,7 +123,7 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
         cfg = config or select_config("decode", m, n, k, spec.bits, spec.group)
         bk = fit_block_k(cfg.block_k, spec.group)
         n_tiles = triton.cdiv(n, cfg.block_n)
-        split, k_per_split = _k_ranges(k, bk, n_tiles * m, x.device, cfg)
+        split, k_per_split = k_ranges(k, bk, n_tiles * m, _sm_count(x.device), cfg)
         ws = _output(split, m, n, dtype=torch.float32, device=x.device)
         kernels.decode_splitk_kernel[(n_tiles, split, m)](
             x2, *weight, scales, ws, m, n, k, x2.stride(0), k_per_split,
@@ -142,7 +135,7 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
         cfg = config or select_config("gemm", m, n, k, spec.bits, spec.group, x.dtype == torch.float32)
         bk = fit_block_k(cfg.block_k, spec.group)
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-        split, k_per_split = _k_ranges(k, bk, tiles, x.device, cfg)
+        split, k_per_split = k_ranges(k, bk, tiles, _sm_count(x.device), cfg)
         out = y if split == 1 else _output(split, m, n, dtype=torch.float32, device=x.device)
         kernels.gemm_fwd_kernel[(tiles, split)](
             x2, *weight, scales, y if bias is None else bias, out, m, n, k, x2.stride(0), out.stride(-2), k_per_split,

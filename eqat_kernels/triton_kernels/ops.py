@@ -119,6 +119,7 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
     y = _output(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
+    bias = bias.contiguous() if bias is not None else None  # the kernels index it as a flat vector
     if m <= DECODE_MAX_M:
         cfg = config or select_config("decode", m, n, k, spec.bits, spec.group)
         bk = fit_block_k(cfg.block_k, spec.group)

@@ -117,3 +117,12 @@ def test_launcher_errors_name_the_problem():
         ops.forward(x, weight, scales[:1], spec)
     with pytest.raises(ValueError, match="qweight must be int32"):
         ops.prepare_weight(qweight[:-1], qzeros, spec)
+
+
+@pytest.mark.parametrize("m", [3, 17])
+def test_strided_bias(poisoned_outputs, m):
+    """A bias that is a strided view (every other element of a buffer) on the decode and split GEMM paths."""
+    spec, qweight, qzeros, scales, weight, x, _ = _setup(4, 128, torch.float32, m, 64, 256)
+    bias = torch.randn(128)[::2]
+    ref = reference.forward(x.double(), qweight, qzeros, scales, spec, bias.double())
+    assert rel_err(ops.forward(x, weight, scales, spec, bias), ref) < 1e-5

@@ -82,9 +82,10 @@ def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
 
 def fold_head_input(model: nn.Module) -> nn.Module:
     """Hand the LM head a contiguous input. `generate`'s prefill gives it `hidden[:, -1:, :]`, a strided view
-    that torch's CPU matmul cannot fold into one 2-D product: it broadcasts the [hidden, vocab] weight over
-    the batch for a bmm instead, 64 rows x 576 x 49k bf16 = 3.6 GB for an instant (the RSS spikes of
-    self-generation; measured peak of one batch-64 `generate` 4.96 GB -> 1.33 GB). Returns `model`."""
+    that torch's CPU matmul, with a frozen head weight (as every eqat pass has it), does not fold into one
+    2-D product: it broadcasts the [hidden, vocab] weight over the batch for a bmm instead, 64 rows x 576 x
+    49k bf16 = 3.6 GB for an instant (the RSS spikes of self-generation; benchmarks/generate_memory.py).
+    Returns `model`."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None:
         head.register_forward_pre_hook(_contiguous_input)

@@ -1,7 +1,7 @@
 """A static performance model of eqat's GPU kernels, from their machine code. PREDICTED, never measured.
 
 No GPU is available here, so every figure this script prints is a prediction. For each kernel launch the
-launchers issue (decode M = 1 and M = 4, GEMM M = 16 and M = 4096, dx and ds at M = 4096), it builds the
+launchers issue (decode M = 1, 2, 4 and 8, GEMM M = 16 and M = 4096, dx and ds at M = 4096), it builds the
 cubin exactly as the JIT launcher would (`eqat_kernels.triton_kernels.aot`), disassembles it with the
 Triton wheel's cuobjdump, finds the main loop (the backward branch), and counts its instruction mix.
 From that and datasheet figures (below, named) it predicts, per (GPU, kernel, bits, group, M, N, K):
@@ -66,7 +66,7 @@ GPUS = {
 
 SETTINGS = {"w2g64": (2, 64), "w3g128": (3, 128), "w4g128": (4, 128)}
 SHAPES = [(4096, 4096), (11008, 4096), (28672, 8192)]  # (N, K): attention, Llama-7B MLP, Llama-70B MLP
-PATHS = [("forward", 1), ("forward", 4), ("forward", 16), ("forward", 4096), ("grad_input", 4096),
+PATHS = [("forward", 1), ("forward", 2), ("forward", 4), ("forward", 8), ("forward", 16), ("forward", 4096), ("grad_input", 4096),
          ("grad_scales", 4096)]
 
 CLASSES = {  # SASS opcode -> class in the instruction mix
@@ -118,7 +118,7 @@ def launch_split(report: dict, gpu: GPU, n: int, k: int) -> int:
     decode = m <= DECODE_MAX_M
     cfg = select_config("decode" if decode else "gemm", m, n, k, bits, group, exact)
     bk = fit_block_k(cfg.block_k, k if group == -1 else group)
-    tiles = math.ceil(n / cfg.block_n) * (m if decode else math.ceil(m / cfg.block_m))
+    tiles = math.ceil(n / cfg.block_n) * math.ceil(m / cfg.block_m)
     return k_ranges(k, bk, tiles, gpu.sms, cfg)[0]
 
 
@@ -136,7 +136,7 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
     # grid and loop trip counts as the launcher would choose them for this (n, k)
     if kernel == "decode_splitk":
         n_tiles, k_tiles = math.ceil(n / bn), math.ceil(k / bk)
-        programs, iters = n_tiles * split * m, math.ceil(k_tiles / split)
+        programs, iters = n_tiles * split * math.ceil(m / bm), math.ceil(k_tiles / split)
     elif kernel == "gemm_fwd":
         programs, iters = math.ceil(m / bm) * math.ceil(n / bn) * split, math.ceil(math.ceil(k / bk) / split)
     elif kernel == "grad_input":
@@ -174,7 +174,7 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
         weight_reads = weight_total
         io = act * (m * k + m * n) * math.ceil(n / bn)  # x re-read per N tile, dy per group
     elif kernel == "decode_splitk":
-        weight_reads = weight_total * (1 + rereads * (m - 1))  # one program per row reads the whole weight
+        weight_reads = weight_total * (1 + rereads * (math.ceil(m / bm) - 1))  # once per tile of bm rows
         io = act * m * k + 4 * m * n * math.ceil(k / bk / iters)
     elif kernel == "dequantize":
         weight_reads, io = weight_total, act * n * k  # the dense W_hat written once

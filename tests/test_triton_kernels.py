@@ -65,11 +65,24 @@ def test_dx_and_ds_match_autograd_on_the_reference(poisoned_outputs, bits, group
     assert rel_err(ops.grad_scales(x, dy, weight, scales, spec)[0], s.grad) < 1e-5
 
 
-@pytest.mark.parametrize("m", [1, 8, 9, 64])
+@pytest.mark.parametrize("m", [1, configs.DECODE_MAX_M, configs.DECODE_MAX_M + 1, 64])
 def test_decode_and_gemm_paths_agree_at_the_switch(poisoned_outputs, m):
     spec, qweight, qzeros, scales, weight, x, _ = _setup(4, 128, torch.float16, m, 64, 576)
     ref = reference.forward(x.double(), qweight, qzeros, scales, spec)
     assert rel_err(ops.forward(x, weight, scales, spec), ref) < 1e-3
+
+
+@pytest.mark.parametrize("bits,group,dtype,m", [(2, 64, torch.float16, 2), (3, 128, torch.bfloat16, 3),
+                                                 (4, 32, torch.float32, 4), (4, 128, torch.float16, 3),
+                                                 (3, -1, torch.float16, 4), (2, 128, torch.bfloat16, 3)])
+def test_decode_rows_sharing_a_program_match_reference(poisoned_outputs, bits, group, dtype, m):
+    """M = 2..4: several rows per decode program (M = 3 runs 4-row tiles, one row masked), N off the tile
+    width, K = 576 leaving a partial last group."""
+    spec, qweight, qzeros, scales, weight, x, _ = _setup(bits, group, dtype, m, 192, 576)
+    assert configs.select_config("decode", m, 192, 576, bits, spec.group).block_m > 1
+    bias = torch.randn(192).to(dtype)
+    ref = reference.forward(x.double(), qweight, qzeros, scales, spec, bias.double())
+    assert rel_err(ops.forward(x, weight, scales, spec, bias), ref) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("bits,group,dtype", [(3, 128, torch.float16), (2, 64, torch.bfloat16)])

@@ -30,7 +30,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from ..spec import QuantSpec
 from . import ops
-from .configs import BITS_CANDIDATES, CANDIDATES, KernelConfig
+from .configs import BITS_CANDIDATES, CANDIDATES, DECODE_MAX_M, KernelConfig
 
 SM80_MAX_SHARED_BYTES = 166912  # 163 KiB opt-in per block on A100
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -205,7 +205,8 @@ def shipped_cases(bits=(2, 3, 4), acts=("float16", "bfloat16")) -> list[Case]:
     for kernel, buckets in CANDIDATES.items():
         for b in bits:
             for upper, configs in BITS_CANDIDATES.get((kernel, b), buckets):
-                m = 1 if kernel in ("decode", "dequantize") else (upper or 4096)  # the top of the M bucket
+                # the top of the M bucket
+                m = 1 if kernel == "dequantize" else (upper or (DECODE_MAX_M if kernel == "decode" else 4096))
                 cases += [Case(op_of[kernel], m, n, k, b, 128, a, "float16", cfg) for cfg in configs for a in acts]
     return cases
 

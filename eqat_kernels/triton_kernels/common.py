@@ -43,26 +43,40 @@ def _unpack_words(qw_ptr, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.cons
 
 
 @triton.jit
-def plane_dot(x_row, plane_ptr, k0, offs_n, n_mask, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(sum_k x[k] * code[k, n], sum_k x[k]) over k0..k0+BLOCK_K of a plane whose codes never straddle words.
+def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BITS: tl.constexpr,
+              BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(sum_k x[r, k] * code[k, n], sum_k x[r, k]) over k0..k0+BLOCK_K for the BLOCK_M rows at `x_tile`
+    (rows from `m_rows` on are masked) of a plane whose codes never straddle words: `[BLOCK_M, BN]`, `[BLOCK_M]`.
 
     Field j of a word is masked in place, never shifted: as a float it is code * 2^(BITS*j), exact, so a
-    weight costs a mask, a conversion and an FMA. Each field j keeps its own partial sums, and the 2^-(BITS*j)
-    rescale is one multiply per field and column after the K sum. Tiles are [words, fields, columns].
+    weight costs a mask and a conversion once, then an FMA per row. Each field j keeps its own partial sums,
+    and the 2^-(BITS*j) rescale is one multiply per field and column after the K sum. Tiles are
+    [rows, words, fields, columns].
     """
     PER: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER
-    rows = k0 // PER + tl.arange(0, WORDS)
-    words = tl.load(plane_ptr + rows[:, None] * N + offs_n[None, :],
-                    mask=(rows[:, None] < K // PER) & n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
+    words_at = k0 // PER + tl.arange(0, WORDS)
+    words = tl.load(plane_ptr + words_at[:, None] * N + offs_n[None, :],
+                    mask=(words_at[:, None] < K // PER) & n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
     fields = tl.arange(0, PER)
-    k = k0 + tl.arange(0, WORDS)[:, None] * PER + fields[None, :]
-    x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)  # [WORDS, PER]
+    k = k0 + tl.arange(0, WORDS)[:, None] * PER + fields[None, :]  # [WORDS, PER]
     field_masks = ((1 << BITS) - 1) << (fields * BITS).to(tl.uint32)  # [PER] uint32
     q = (words[:, None, :] & field_masks[None, :, None]).to(tl.float32)  # code * 2^(BITS*j)
-    per_field = tl.sum(x[:, :, None] * q, axis=0)  # [PER, BN]
     rescale = ((127 - fields * BITS) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS*j), built exactly
-    return tl.sum(per_field * rescale[:, None], axis=0), tl.sum(tl.sum(x, axis=1), axis=0)
+    if BLOCK_M == 1:
+        # rank 3, not rank 4 with a unit row axis: the rank-4 form costs M = 1 15-20% more instructions
+        # (a program's first row always exists: the grid has cdiv(M, BLOCK_M) row tiles)
+        x1 = tl.load(x_tile + k, mask=k < K, other=0.0).to(tl.float32)  # [WORDS, PER]
+        dot = tl.sum(tl.sum(x1[:, :, None] * q, axis=0) * rescale[:, None], axis=0)[None, :]
+        xsum = tl.zeros((1,), dtype=tl.float32) + tl.sum(tl.sum(x1, axis=1), axis=0)
+    else:
+        rm = tl.arange(0, BLOCK_M)
+        x = tl.load(x_tile + rm[:, None, None] * stride_xm + k[None, :, :],
+                    mask=(rm[:, None, None] < m_rows) & (k[None, :, :] < K), other=0.0).to(tl.float32)
+        per_field = tl.sum(x[:, :, :, None] * q[None, :, :, :], axis=1)  # [BLOCK_M, PER, BN]
+        dot = tl.sum(per_field * rescale[None, :, None], axis=1)
+        xsum = tl.sum(tl.sum(x, axis=2), axis=1)
+    return dot, xsum
 
 
 @triton.jit

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DECODE_MAX_M = 8  # at or below this many rows the split-K GEMV beats tiles padded to 16 rows
+# at or below this many rows the split-K GEMV (block_m rows per program) beats tensor-core tiles padded to 16
+# rows; PREDICTED on H100/A100 (benchmarks/kernel_model.py): M = 4 about even, M = 8 decode 0.7-1.1x fp16
+# cuBLAS vs the padded GEMM's 0.9-2.0x
+DECODE_MAX_M = 4
 # fp16/bf16 forward and dx from this many rows dequantize the weight once (one pass over N x K) and let
 # cuBLAS multiply; None: never. Per (op, architecture), from the crossover that benchmarks/kernel_model.py
 # PREDICTS on 4096 x 4096 (docs/RESULTS.md): on H100 the fused tiles are issue-bound (0.2-0.6x fp16
@@ -31,7 +34,7 @@ def uses_dense(op: str, m: int, capability: int, dtype_is_half: bool) -> bool:
 def split_k(tiles: int, k_tiles: int, sms: int, config: "KernelConfig") -> int:
     """How many K ranges a launch of `tiles` output tiles splits into (each program sums one range; a
     reduction adds them in order): enough programs for ~`config.sm_warps` warps per SM, so a grid of few
-    tiles (decode, or M = 9..128 on a narrow layer) still keeps every SM's loads in flight."""
+    tiles (decode, or M = 5..128 on a narrow layer) still keeps every SM's loads in flight."""
     programs = config.sm_warps * sms // config.num_warps
     return max(1, min(k_tiles, -(-programs // tiles)))
 
@@ -66,7 +69,11 @@ CANDIDATES: dict[str, list[tuple[int | None, list[KernelConfig]]]] = {
         (128, [KernelConfig(64, 64, 64, 4, 3), KernelConfig(64, 64, 32, 4, 2)]),
         (None, [KernelConfig(128, 128, 32, 8, 3), KernelConfig(64, 64, 64, 4, 3)]),
     ],
-    "decode": [(None, [KernelConfig(1, 256, 64, 2, sm_warps=4), KernelConfig(1, 128, 128)])],
+    # decode: block_m rows per program share each unpacked weight (M = 3 runs the 4-row build, one row
+    # masked); per bucket the spill-free tile with the fewest main-loop instructions per weight byte and row
+    "decode": [(1, [KernelConfig(1, 256, 64, 2, sm_warps=4), KernelConfig(1, 128, 128)]),
+               (2, [KernelConfig(2, 128, 64, 2, sm_warps=4)]),
+               (None, [KernelConfig(4, 128, 64, 4)])],
     "grad_input": [
         (128, [KernelConfig(32, 64, 64, 4, 2), KernelConfig(64, 64, 64, 4, 2)]),
         (None, [KernelConfig(128, 64, 64, 8, 3), KernelConfig(128, 64, 32, 8, 3)]),
@@ -88,7 +95,9 @@ EXACT_CANDIDATES: dict[str, list[tuple[int | None, list[KernelConfig]]]] = {
 # (kernel, bits) whose code differs enough to want other tiles. 3-bit decode combines two planes per code
 # (kernels.decode_splitk_kernel): 256x64 tiles of 2 warps spill on sm_80, 128x128 of 4 warps do not.
 BITS_CANDIDATES: dict[tuple[str, int], list[tuple[int | None, list[KernelConfig]]]] = {
-    ("decode", 3): [(None, [KernelConfig(1, 128, 128), KernelConfig(1, 64, 128)])],
+    ("decode", 3): [(1, [KernelConfig(1, 128, 128), KernelConfig(1, 64, 128)]),
+                    (2, [KernelConfig(2, 128, 64, 2, sm_warps=4)]),
+                    (None, [KernelConfig(4, 128, 64, 4)])],
 }
 
 _TUNED: dict[str, KernelConfig] = {}

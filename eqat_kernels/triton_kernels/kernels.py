@@ -19,7 +19,7 @@ def gemm_fwd_kernel(
     """y[M, N] = x[M, K] @ W_hat^T, tiled tl.dot with W dequantized in registers.
 
     Program (tile, s) sums K range s; with one range `y_ptr` is the output, with several it is fp32
-    partials ws[s, M, N] that `splitk_reduce_kernel` adds in order (few tiles: M = 9..128 on narrow layers).
+    partials ws[s, M, N] that `splitk_reduce_kernel` adds in order (few tiles: M = 5..128 on narrow layers).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -54,20 +54,23 @@ def gemm_fwd_kernel(
 @triton.jit
 def decode_splitk_kernel(
     x_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, ws_ptr, M, N, K, stride_xm, K_PER_SPLIT,
-    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Partial sums ws[split, m, n] over one K range per program: GEMV for decode-sized M, no atomics.
 
-    At 2 and 4 bits the codes are read in place (`plane_dot`: a mask, a conversion and an FMA per weight);
-    3-bit codes are combined from their two planes first.
+    A program serves BLOCK_M rows, so a weight is loaded and unpacked once for all of them (M = 2..4 would
+    otherwise read the whole weight once per row). At 2 and 4 bits the codes are read in place (`plane_dot`:
+    a mask and a conversion per weight, an FMA per row); 3-bit codes are combined from their two planes first.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    m = tl.program_id(2)
+    first = tl.program_id(2) * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    x_row = x_ptr + m * stride_xm
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    rm = tl.arange(0, BLOCK_M)
+    x_tile = x_ptr + first * stride_xm
+    m_rows = M - first
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -75,17 +78,20 @@ def decode_splitk_kernel(
         if BITS == 3:
             # two planes would cost two conversions per weight in plane_dot; one combined code costs one
             k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-            q = load_code_tile(qw_ptr, qh_ptr, k0, offs_n, K, N, BITS, BLOCK_K, False)
-            dot = tl.sum(x[:, None] * q.to(tl.float32), axis=0)
-            xsum = tl.sum(x, axis=0)
+            x = tl.load(x_tile + rm[:, None] * stride_xm + k[None, :],
+                        mask=(rm[:, None] < m_rows) & (k[None, :] < K), other=0.0).to(tl.float32)
+            q = load_code_tile(qw_ptr, qh_ptr, k0, offs_n, K, N, BITS, BLOCK_K, False).to(tl.float32)
+            dot = tl.sum(x[:, :, None] * q[None, :, :], axis=1)
+            xsum = tl.sum(x, axis=1)
         else:
-            dot, xsum = plane_dot(x_row, qw_ptr, k0, offs_n, n_mask, K, N, BITS, BLOCK_K)
+            dot, xsum = plane_dot(x_tile, stride_xm, m_rows, qw_ptr, k0, offs_n, n_mask, K, N, BITS, BLOCK_K,
+                                  BLOCK_M)
         z = load_zeros(qz_ptr, gi, offs_n, N, BITS).to(tl.float32)
         s = tl.load(s_ptr + gi * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         # sum_k x_k (q - z) s = s * (sum_k x_k q_k - z * sum_k x_k): one multiply per group, not per weight
-        acc += s * (dot - z * xsum)
-    tl.store(ws_ptr + (pid_k * M + m) * N + offs_n, acc, mask=n_mask)
+        acc += s[None, :] * (dot - z[None, :] * xsum[:, None])
+    tl.store(ws_ptr + (pid_k * M + first + rm[:, None]) * N + offs_n[None, :], acc,
+             mask=(rm[:, None] < m_rows) & n_mask[None, :])
 
 
 @triton.jit

@@ -105,7 +105,7 @@ def _reduce(ws: torch.Tensor, bias, y: torch.Tensor) -> None:
 
 
 def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config: KernelConfig | None = None):
-    """`y = x @ W_hat^T (+ bias)`: split-K GEMV for M <= 8, tiled GEMM (split along K when its tiles are too
+    """`y = x @ W_hat^T (+ bias)`: split-K GEMV for M <= `DECODE_MAX_M` (4; up to 4 rows per program), tiled GEMM (split along K when its tiles are too
     few to fill the GPU) above, dequantize + cuBLAS from `configs.DENSE_MIN_M` rows in fp16/bf16 where
     that is predicted faster."""
     x2 = check_activation(x, spec, spec.in_features, "x")
@@ -123,12 +123,12 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
     if m <= DECODE_MAX_M:
         cfg = config or select_config("decode", m, n, k, spec.bits, spec.group)
         bk = fit_block_k(cfg.block_k, spec.group)
-        n_tiles = triton.cdiv(n, cfg.block_n)
-        split, k_per_split = k_ranges(k, bk, n_tiles * m, _sm_count(x.device), cfg)
+        n_tiles, m_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m)
+        split, k_per_split = k_ranges(k, bk, n_tiles * m_tiles, _sm_count(x.device), cfg)
         ws = _output(split, m, n, dtype=torch.float32, device=x.device)
-        kernels.decode_splitk_kernel[(n_tiles, split, m)](
+        kernels.decode_splitk_kernel[(n_tiles, split, m_tiles)](
             x2, *weight, scales, ws, m, n, k, x2.stride(0), k_per_split,
-            GROUP=spec.group, BITS=spec.bits, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+            GROUP=spec.group, BITS=spec.bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         _reduce(ws, bias, y)

@@ -190,6 +190,16 @@ class QuantLinear(nn.Module):
             self._cache["triton"] = TritonPath(prepare_weight(self._kernel_qweight(), self.qzeros, self.spec), self.spec)
         return self._cache["triton"]
 
+    def tune(self, m_values=None, dtype: torch.dtype = torch.float16, backward: bool = False) -> dict[str, str]:
+        """Time the curated kernel configs for this layer's shape on its GPU and adopt the fastest per M
+        bucket (`triton_kernels.tuning`; `tuning.tune_model` does a whole model and saves the winners)."""
+        from .triton_kernels import tuning
+
+        if not self.is_packed:
+            raise ValueError("tune a packed layer (call pack() first)")
+        return tuning.warmup(self._triton_path().weight, self.scales.detach(), self.spec,
+                             m_values or tuning.TUNE_M, dtype, backward)
+
     def _reference_path(self) -> ReferencePath:
         if "reference" not in self._cache:
             cmz = reference.codes_minus_zeros(self._kernel_qweight(), self.qzeros, self.spec).to(torch.int8)

@@ -202,8 +202,32 @@ def _export(args) -> dict:
     return {"out": str(path), "size_mb": round(path.stat().st_size / 2**20, 2)}
 
 
+def _add_tune(sub) -> None:
+    from eqat_kernels.triton_kernels.configs import TUNE_M
+
+    p = sub.add_parser("tune", help="time the GPU kernel configs for a checkpoint's layer shapes once and save the "
+                                    "winners for this GPU model (loaded by every later run on it)")
+    p.add_argument("checkpoint", help="eqat/GPTQ-v2 folder")
+    p.add_argument("--m", type=int, nargs="+", default=list(TUNE_M), help="token counts (M) to tune for")
+    p.add_argument("--backward", action="store_true", help="also the training kernels (dx, ds): before E2E-QP")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="activation dtype")
+
+
+def _tune(args) -> dict:
+    if not torch.cuda.is_available():
+        raise ValueError("tuning times the Triton kernels on a GPU and this machine has none (CPU inference "
+                         "uses torch's int4 kernel, which needs no tuning)")
+    from eqat_kernels.triton_kernels.tuning import tune_model
+
+    from .checkpoint import load_quantized
+
+    model, _ = load_quantized(args.checkpoint, dtype=getattr(torch, args.dtype))
+    path, chosen = tune_model(model.cuda(), args.m, getattr(torch, args.dtype), args.backward)
+    return {"saved": str(path), "chosen": chosen}
+
+
 COMMANDS = {"quantize": (_add_quantize, _quantize), "e2e": (_add_e2e, _e2e), "eval": (_add_eval, _eval), "generate": (_add_generate, _generate),
-            "chat": (_add_chat, _chat), "export": (_add_export, _export)}
+            "chat": (_add_chat, _chat), "export": (_add_export, _export), "tune": (_add_tune, _tune)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,10 +22,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from eqat_kernels import paths
+from eqat_kernels.paths import CACHE_ENV
+
 from . import runstate
 from .examples import render_chat
 
-CACHE_ENV = "EQAT_CACHE"
 # A preallocated KV cache: the default one concatenates every layer's keys and values at every step,
 # which made sampling 512 tokens at batch 32 ~20% slower on CPU.
 STATIC = "static"
@@ -53,7 +54,7 @@ class SelfGenConfig:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "eqat")) / "selfgen"
+    return paths.cache_root() / "selfgen"
 
 
 def model_fingerprint(model: nn.Module) -> str:

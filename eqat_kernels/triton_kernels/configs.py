@@ -101,6 +101,7 @@ BITS_CANDIDATES: dict[tuple[str, int], list[tuple[int | None, list[KernelConfig]
 }
 
 _TUNED: dict[str, KernelConfig] = {}
+TUNE_M = (1, 2, 4, 16, 64, 256, 2048)  # token counts `eqat tune` times: one per M bucket that runs tiles
 
 
 def m_bucket(m: int) -> int:
@@ -140,3 +141,12 @@ def select_config(kernel: str, m: int, n: int, k: int, bits: int, group: int, ex
 
 def record_tuned(key: str, config: KernelConfig) -> None:
     _TUNED[key] = config
+
+
+def tuned() -> dict[str, KernelConfig]:
+    """The tuned winners this process knows (what `tuning.save_tuned` writes)."""
+    return dict(_TUNED)
+
+
+def forget_tuned() -> None:
+    _TUNED.clear()

@@ -85,6 +85,21 @@ def target_capability(device: torch.device) -> int:
     return _CAPABILITY_FALLBACK
 
 
+_TUNED_LOADED: set[str] = set()
+
+
+def _select(device: torch.device, kernel: str, *args, **kwargs) -> KernelConfig:
+    """`select_config`, after adopting this GPU model's saved tuning winners on its first launch."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if name not in _TUNED_LOADED:
+            _TUNED_LOADED.add(name)
+            from .tuning import load_for_gpu  # tuning imports this module
+
+            load_for_gpu(name)
+    return select_config(kernel, *args, **kwargs)
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -121,7 +136,7 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
         return y.reshape(*x.shape[:-1], n)
     bias = bias.contiguous() if bias is not None else None  # the kernels index it as a flat vector
     if m <= DECODE_MAX_M:
-        cfg = config or select_config("decode", m, n, k, spec.bits, spec.group)
+        cfg = config or _select(x.device, "decode", m, n, k, spec.bits, spec.group)
         bk = fit_block_k(cfg.block_k, spec.group)
         n_tiles, m_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m)
         split, k_per_split = k_ranges(k, bk, n_tiles * m_tiles, _sm_count(x.device), cfg)
@@ -133,7 +148,7 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
         )
         _reduce(ws, bias, y)
     else:
-        cfg = config or select_config("gemm", m, n, k, spec.bits, spec.group, x.dtype == torch.float32)
+        cfg = config or _select(x.device, "gemm", m, n, k, spec.bits, spec.group, x.dtype == torch.float32)
         bk = fit_block_k(cfg.block_k, spec.group)
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         split, k_per_split = k_ranges(k, bk, tiles, _sm_count(x.device), cfg)
@@ -158,7 +173,7 @@ def grad_input(dy, weight: KernelWeight, scales, spec: QuantSpec, config: Kernel
         return dense_matmul(dy2, dequantize(weight, scales, spec, dy.dtype)).reshape(*dy.shape[:-1], k)
     dx = _output(m, k, dtype=dy.dtype, device=dy.device)
     if m:
-        cfg = config or select_config("grad_input", m, n, k, spec.bits, spec.group, dy.dtype == torch.float32)
+        cfg = config or _select(dy.device, "grad_input", m, n, k, spec.bits, spec.group, dy.dtype == torch.float32)
         bk = fit_block_k(cfg.block_k, spec.group)
         kernels.grad_input_kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(k, bk))](
             dy2, *weight, scales, dx, m, n, k, dy2.stride(0), dx.stride(0),
@@ -180,7 +195,7 @@ def grad_scales(x, dy, weight: KernelWeight, scales, spec: QuantSpec, with_zeros
     m, n, k = x2.shape[0], spec.out_features, spec.in_features
     ds = _output(spec.num_groups, n, dtype=torch.float32, device=x.device)
     dz = _output(spec.num_groups, n, dtype=torch.float32, device=x.device) if with_zeros else ds
-    cfg = config or select_config("grad_scales", m, n, k, spec.bits, spec.group, x.dtype == torch.float32)
+    cfg = config or _select(x.device, "grad_scales", m, n, k, spec.bits, spec.group, x.dtype == torch.float32)
     kernels.grad_scales_kernel[(triton.cdiv(n, cfg.block_n), spec.num_groups)](
         x2, dy2, *weight, scales, ds, dz, m, n, k, x2.stride(0), dy2.stride(0),
         GROUP=spec.group, BITS=spec.bits, COMPUTE_DZ=with_zeros, **_dot_args(x.dtype),
@@ -196,7 +211,7 @@ def dequantize(weight: KernelWeight, scales, spec: QuantSpec, dtype: torch.dtype
     check_packed(weight, scales, spec, weight.main.device)
     n, k = spec.out_features, spec.in_features
     w = _output(n, k, dtype=dtype, device=weight.main.device)
-    cfg = config or select_config("dequantize", 1, n, k, spec.bits, spec.group)
+    cfg = config or _select(weight.main.device, "dequantize", 1, n, k, spec.bits, spec.group)
     bk = fit_block_k(cfg.block_k, spec.group)
     kernels.dequantize_kernel[(triton.cdiv(k, bk), triton.cdiv(n, cfg.block_n))](
         *weight, scales, w, n, k, GROUP=spec.group, BITS=spec.bits,

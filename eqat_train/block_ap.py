@@ -2,8 +2,9 @@
 
 Differences from the published recipe, each an option measured in the README:
 * step budget: the published learning rates assume ~4096 steps per block; a CPU run affords ~64, so
-  `lr_scale` multiplies the weight learning rate (default 200) and `lr_scale_quant` the scale/zero one
-  (default 25): measured best of {1, 5, 20, 50, 100, 200, 400} x {6e-6..1e-2} on blocks 5 and 20;
+  `lr_scale` multiplies the weight learning rate and `lr_scale_quant` the scale/zero one, per bit-width
+  (`DEFAULT_LR_SCALES`): the best measured on blocks 5 and 20 shrink with the quantization step, x200 / x25
+  at 2 bits, x50 / x2 at 4 (3 bits keep the 2-bit rates until x100 / x6 is checked on a whole model);
 * loss: "token" normalises each token's squared error by its target's energy, so the few attention-sink
   tokens with |h| ~ 22,800 do not drown the rest; "mse" is the published plain MSE;
 * init: the published min-max start leaves ~64 steps too little to undo its rounding error; "clip_act"
@@ -30,6 +31,10 @@ from .configs import LR_RETRY_FACTOR, option, published_lr
 
 
 INITS = ("minmax", "clip", "clip_act")
+# (weight, scale/zero) learning-rate multipliers per bit-width; a finer grid wants smaller steps
+# (benchmarks/block_ap_sweep.py on blocks 5 and 20, then the full model on the validation text; docs/RESULTS.md)
+# (3 bits keep the 2-bit rates: x100 / x6 was 6-10% better per block but is not yet checked on the full model)
+DEFAULT_LR_SCALES = {2: (200.0, 25.0), 3: (200.0, 25.0), 4: (50.0, 2.0)}
 
 
 def default_init(bits: int) -> str:
@@ -48,8 +53,10 @@ class BlockAPConfig(BlockwiseConfig):
     lr_scales: float = option(1e-4, "Block-AP scale/zero-point learning rate before lr_scale_quant (published)")
     lr_weights: float | None = option(None, "Block-AP weight learning rate before lr_scale (default: published, "
                                             "2e-5 at 2 bits, 1e-5 at 3/4 bits)")
-    lr_scale: float = option(200.0, "multiplies the Block-AP weight learning rate: the step-budget correction")
-    lr_scale_quant: float = option(25.0, "multiplies the Block-AP scale/zero learning rate")
+    lr_scale: float | None = option(None, "multiplies the Block-AP weight learning rate: the step-budget "
+                                          f"correction (default per bit-width, {DEFAULT_LR_SCALES})")
+    lr_scale_quant: float | None = option(None, "multiplies the Block-AP scale/zero learning rate (default per "
+                                                "bit-width, the second of each pair above)")
     loss: str = option("token", "Block-AP loss: token (each token's squared error over its target's energy) or "
                                 "mse (published)", choices=("token", "mse"))
     init: str | None = option(None, "Block-AP start: clip_act (per-group clip search weighted by input energy; "
@@ -61,6 +68,15 @@ class BlockAPConfig(BlockwiseConfig):
         super().__post_init__()
         if self.lr_weights is None:
             self.lr_weights = published_lr(self.bits)
+        weight_scale, quant_scale = DEFAULT_LR_SCALES.get(self.bits, DEFAULT_LR_SCALES[max(DEFAULT_LR_SCALES)])
+        if self.lr_scale is None:
+            self.lr_scale = weight_scale
+        if self.lr_scale_quant is None:
+            self.lr_scale_quant = quant_scale
+        for name in ("lr_scale", "lr_scale_quant"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"Block-AP {name} must be a positive number, got {value}")
         if self.loss not in ("token", "mse"):
             raise ValueError(f"loss must be 'token' or 'mse', got {self.loss!r}")
         if self.init is None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from eqat_kernels import compute_path
+from eqat_kernels import compute_path, paths
 
 from . import runstate
 from .activations import INFER_BATCH, ActivationStore, BlockContext, capture_block_inputs, run_block
@@ -139,7 +139,7 @@ class BlockwiseRun:
             if store is not None:
                 store.save(self.state_dir / f"{name}.npy")
         crash_point("block_checkpoint.activations_written")
-        runstate.atomic_write_text(self.state_dir / "progress.json", json.dumps(
+        paths.atomic_write_text(self.state_dir / "progress.json", json.dumps(
             {"fingerprint": self._fingerprint(), "blocks_done": i + 1, "log": self.log}, indent=1))
 
     def _resume(self, blocks: nn.ModuleList) -> int:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from eqat_kernels import QuantLinear
+from eqat_kernels import QuantLinear, paths
 
 from . import runstate
 from .configs import LR_RETRY_FACTOR, option, published_lr
@@ -296,7 +296,7 @@ class E2ETrainer:
         runstate.atomic_save_tensors({k: v.contiguous() for k, v in snap["tensors"].items()},
                              self.state_dir / "e2e_state.safetensors")
         crash_point("e2e_state.tensors_written")
-        runstate.atomic_write_text(self.state_dir / "e2e_progress.json", json.dumps(
+        paths.atomic_write_text(self.state_dir / "e2e_progress.json", json.dumps(
             {"fingerprint": self.fingerprint, "step": self.step, "log": self.log, "lr_factor": self.lr_factor},
             indent=1))
 

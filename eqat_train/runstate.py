@@ -28,12 +28,6 @@ def atomic_save_tensors(tensors: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _corrupt(path: Path, why: str) -> ValueError:
     return ValueError(f"{path} is unreadable ({why}): the resume state is damaged; delete {path.parent} "
                       "to start over")

@@ -128,7 +128,7 @@ def generate_calibration(model: nn.Module, tokenizer, cfg: SelfGenConfig,
             raise ValueError(f"{final} holds {tuple(windows.shape)} windows, expected {(cfg.sequences, cfg.seq_len)}")
         return windows
     folder.mkdir(parents=True, exist_ok=True)
-    runstate.atomic_write_text(folder / "meta.json", json.dumps({"model": fp, "settings": asdict(cfg)}, indent=1))
+    paths.atomic_write_text(folder / "meta.json", json.dumps({"model": fp, "settings": asdict(cfg)}, indent=1))
     n_chat = round(cfg.sequences * cfg.chat_fraction) if getattr(tokenizer, "chat_template", None) else 0
     if n_chat and cfg.sequences - n_chat > cfg.batch_size:  # no small trailing plain batch (batch 2 is slow)
         n_chat = cfg.sequences - (cfg.sequences - n_chat) // cfg.batch_size * cfg.batch_size

@@ -69,9 +69,7 @@ def save_tuned(path: Path, gpu_name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": TUNED_FORMAT, "version": TUNED_VERSION, "gpu": gpu_name,
                "configs": {key: asdict(cfg) for key, cfg in sorted(tuned().items())}}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
+    paths.atomic_write_text(path, json.dumps(payload, indent=1))
     return path
 
 

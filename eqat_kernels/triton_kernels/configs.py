@@ -6,6 +6,7 @@ so nothing is ever re-tuned inside a training step.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # at or below this many rows the split-K GEMV (block_m rows per program) beats tensor-core tiles padded to 16
@@ -109,8 +110,19 @@ def m_bucket(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
+_BUCKET_KEY = re.compile(r"^(\w+)\|m(\d+)\|n(\d+)\|k(\d+)\|b(\d+)\|g(-?\d+)(\|fp32)?$")
+
+
 def bucket_key(kernel: str, m: int, n: int, k: int, bits: int, group: int, exact: bool = False) -> str:
     return f"{kernel}|m{m_bucket(m)}|n{m_bucket(n)}|k{m_bucket(k)}|b{bits}|g{group}" + ("|fp32" if exact else "")
+
+
+def parse_bucket_key(key) -> tuple[str, int, int, bool] | None:
+    """(kernel, M bucket, bits, exact) of a `bucket_key` string, None if `key` is not one."""
+    match = _BUCKET_KEY.match(key) if isinstance(key, str) else None
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2)), int(match.group(5)), bool(match.group(7))
 
 
 def candidates(kernel: str, m: int, exact: bool = False, bits: int | None = None) -> list[KernelConfig]:

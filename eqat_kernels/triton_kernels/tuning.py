@@ -20,12 +20,11 @@ import triton.testing
 from .. import paths
 from ..spec import QuantSpec
 from . import ops
-from .configs import (DECODE_MAX_M, TUNE_M, KernelConfig, bucket_key, candidates, forget_tuned, record_tuned,
-                      tuned, uses_dense)
+from .configs import (DECODE_MAX_M, TUNE_M, KernelConfig, bucket_key, candidates, forget_tuned, parse_bucket_key,
+                      record_tuned, tuned, uses_dense)
 
 TUNED_FORMAT = "eqat-tuned-configs"
 TUNED_VERSION = 1
-_KEY = re.compile(r"^(\w+)\|m(\d+)\|n(\d+)\|k(\d+)\|b(\d)\|g(-?\d+)(\|fp32)?$")
 
 
 def warmup(weight: ops.KernelWeight, scales: torch.Tensor, spec: QuantSpec, m_values=TUNE_M,
@@ -76,12 +75,12 @@ def save_tuned(path: Path, gpu_name: str) -> Path:
 def _entry(path: Path, key: str, value) -> KernelConfig:
     """One file entry as a config, only if it is still a curated candidate for its bucket: a file from
     another eqat version (or edited by hand) cannot bring in a tile that was never built spill-free."""
-    match = _KEY.match(key) if isinstance(key, str) else None
+    parsed = parse_bucket_key(key)
     names = {f.name for f in fields(KernelConfig)}
-    if match is None or not isinstance(value, dict) or set(value) != names or not all(
+    if parsed is None or not isinstance(value, dict) or set(value) != names or not all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value.values()):
         raise ValueError(f"{path}: entry {key!r} is not a tuned kernel config")
-    kernel, m, bits, exact = match.group(1), int(match.group(2)), int(match.group(5)), bool(match.group(7))
+    kernel, m, bits, exact = parsed
     config = KernelConfig(**value)
     try:
         allowed = candidates(kernel, m, exact, bits)

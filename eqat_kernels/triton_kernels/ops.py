@@ -85,18 +85,19 @@ def target_capability(device: torch.device) -> int:
     return _CAPABILITY_FALLBACK
 
 
-_TUNED_LOADED: set[str] = set()
+_TUNED_LOADED: set[int] = set()  # CUDA device indices whose GPU model's tuned file has been read
 
 
 def _select(device: torch.device, kernel: str, *args, **kwargs) -> KernelConfig:
-    """`select_config`, after adopting this GPU model's saved tuning winners on its first launch."""
+    """`select_config`, after adopting this GPU model's saved tuning winners on the device's first launch
+    (later launches only test a set: no device query per call)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        if name not in _TUNED_LOADED:
-            _TUNED_LOADED.add(name)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _TUNED_LOADED:
+            _TUNED_LOADED.add(index)
             from .tuning import load_for_gpu  # tuning imports this module
 
-            load_for_gpu(name)
+            load_for_gpu(torch.cuda.get_device_name(index))
     return select_config(kernel, *args, **kwargs)
 
 
@@ -120,9 +121,9 @@ def _reduce(ws: torch.Tensor, bias, y: torch.Tensor) -> None:
 
 
 def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config: KernelConfig | None = None):
-    """`y = x @ W_hat^T (+ bias)`: split-K GEMV for M <= `DECODE_MAX_M` (4; up to 4 rows per program), tiled GEMM (split along K when its tiles are too
-    few to fill the GPU) above, dequantize + cuBLAS from `configs.DENSE_MIN_M` rows in fp16/bf16 where
-    that is predicted faster."""
+    """`y = x @ W_hat^T (+ bias)`: split-K GEMV for M <= `DECODE_MAX_M` (several rows per program), tiled
+    GEMM (split along K when its tiles are too few to fill the GPU) above, dequantize + cuBLAS from
+    `configs.DENSE_MIN_M` rows in fp16/bf16 where that is predicted faster."""
     x2 = check_activation(x, spec, spec.in_features, "x")
     check_packed(weight, scales, spec, x.device)
     m, n, k = x2.shape[0], spec.out_features, spec.in_features

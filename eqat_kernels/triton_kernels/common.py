@@ -43,15 +43,44 @@ def _unpack_words(qw_ptr, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.cons
 
 
 @triton.jit
+def _split8(t):
+    """The 8 columns, in order, of `t` viewed [R, 2, 2, 2] (column 4a + 2b + c at [:, a, b, c])."""
+    c0, c1 = tl.split(t)
+    c0b0, c0b1 = tl.split(c0)
+    c1b0, c1b1 = tl.split(c1)
+    f0, f4 = tl.split(c0b0)
+    f2, f6 = tl.split(c0b1)
+    f1, f5 = tl.split(c1b0)
+    f3, f7 = tl.split(c1b1)
+    return f0, f1, f2, f3, f4, f5, f6, f7
+
+
+@triton.jit
+def field_columns(x, BITS: tl.constexpr):
+    """The 32 // BITS slices along the last axis of `x` as a tuple of tensors shaped `x.shape[:-1]` (BITS = 2
+    or 4): a tree of tl.split, register picks without a layout change."""
+    if BITS == 4:
+        cols = _split8(tl.reshape(x, x.shape[:-1] + (2, 2, 2)))
+    else:
+        even, odd = tl.split(tl.reshape(x, x.shape[:-1] + (2, 2, 2, 2)))
+        e0, e1, e2, e3, e4, e5, e6, e7 = _split8(even)
+        o0, o1, o2, o3, o4, o5, o6, o7 = _split8(odd)
+        cols = (e0, o0, e1, o1, e2, o2, e3, o3, e4, o4, e5, o5, e6, o6, e7, o7)
+    return cols
+
+
+@triton.jit
 def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BITS: tl.constexpr,
               BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
     """(sum_k x[r, k] * code[k, n], sum_k x[r, k]) over k0..k0+BLOCK_K for the BLOCK_M rows at `x_tile`
     (rows from `m_rows` on are masked) of a plane whose codes never straddle words: `[BLOCK_M, BN]`, `[BLOCK_M]`.
 
     Field j of a word is masked in place, never shifted: as a float it is code * 2^(BITS*j), exact, so a
-    weight costs a mask and a conversion once, then an FMA per row. Each field j keeps its own partial sums,
-    and the 2^-(BITS*j) rescale is one multiply per field and column after the K sum. Tiles are
-    [rows, words, fields, columns].
+    weight costs a mask and a conversion once, then an FMA per row. One row (decode proper) scales x by
+    2^-(BITS*j) instead (exact) and accumulates every field into one [words, columns] partial in the words'
+    load layout: no layout conversion of the weights and no cross-thread sum inside the K loop (sm_90a w4:
+    1106 -> 951 loop instructions). Several rows keep a partial sum per field, [rows, words, fields,
+    columns], rescaled after the K sum (the one-row form spills at 4 rows).
     """
     PER: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER
@@ -61,15 +90,18 @@ def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BI
     fields = tl.arange(0, PER)
     k = k0 + tl.arange(0, WORDS)[:, None] * PER + fields[None, :]  # [WORDS, PER]
     field_masks = ((1 << BITS) - 1) << (fields * BITS).to(tl.uint32)  # [PER] uint32
-    q = (words[:, None, :] & field_masks[None, :, None]).to(tl.float32)  # code * 2^(BITS*j)
     rescale = ((127 - fields * BITS) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS*j), built exactly
     if BLOCK_M == 1:
-        # rank 3, not rank 4 with a unit row axis: the rank-4 form costs M = 1 15-20% more instructions
         # (a program's first row always exists: the grid has cdiv(M, BLOCK_M) row tiles)
-        x1 = tl.load(x_tile + k, mask=k < K, other=0.0).to(tl.float32)  # [WORDS, PER]
-        dot = tl.sum(tl.sum(x1[:, :, None] * q, axis=0) * rescale[:, None], axis=0)[None, :]
-        xsum = tl.zeros((1,), dtype=tl.float32) + tl.sum(tl.sum(x1, axis=1), axis=0)
+        x = tl.load(x_tile + k, mask=k < K, other=0.0).to(tl.float32)  # [WORDS, PER]
+        xs = field_columns(x * rescale[None, :], BITS)
+        part = tl.zeros((WORDS, offs_n.shape[0]), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            part += xs[j][:, None] * (words & (((1 << BITS) - 1) << (BITS * j))).to(tl.float32)
+        dot = tl.sum(part, axis=0)[None, :]
+        xsum = tl.zeros((1,), dtype=tl.float32) + tl.sum(tl.sum(x, axis=1), axis=0)
     else:
+        q = (words[:, None, :] & field_masks[None, :, None]).to(tl.float32)  # code * 2^(BITS*j)
         rm = tl.arange(0, BLOCK_M)
         x = tl.load(x_tile + rm[:, None, None] * stride_xm + k[None, :, :],
                     mask=(rm[:, None, None] < m_rows) & (k[None, :, :] < K), other=0.0).to(tl.float32)

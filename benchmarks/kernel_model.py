@@ -175,7 +175,8 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
         io = act * (m * k + m * n) * math.ceil(n / bn)  # x re-read per N tile, dy per group
     elif kernel == "decode_splitk":
         weight_reads = weight_total * (1 + rereads * (math.ceil(m / bm) - 1))  # once per tile of bm rows
-        io = act * m * k + 4 * m * n * math.ceil(k / bk / iters)
+        ranges = math.ceil(k / bk / iters)  # partials written once and read once by each tile's last program
+        io = act * (m * k + m * n) + (2 * 4 * m * n * ranges if ranges > 1 else 0)
     elif kernel == "dequantize":
         weight_reads, io = weight_total, act * n * k  # the dense W_hat written once
     else:

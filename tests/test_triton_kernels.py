@@ -85,6 +85,28 @@ def test_decode_rows_sharing_a_program_match_reference(poisoned_outputs, bits, g
     assert rel_err(ops.forward(x, weight, scales, spec, bias), ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("sms", [1, 132])
+@pytest.mark.parametrize("bits,m", [(4, 1), (3, 1), (2, 3)])
+def test_one_launch_decode_reduces_in_order_and_resets_its_tickets(poisoned_outputs, monkeypatch, sms, bits, m):
+    """Decode is one launch: with one K range (1 SM) each program writes y itself; with several (132 SMs)
+    the last program of each tile adds the partials in split order. Either way the result matches the
+    reference, a repeated launch is bitwise identical (deterministic) and every ticket is back at 0."""
+    monkeypatch.setattr(ops, "_SM_COUNT_FALLBACK", sms)
+    monkeypatch.setattr(ops, "_TICKETS", {})
+    spec, qweight, qzeros, scales, weight, x, _ = _setup(bits, 128, torch.float16, m, 576, 576)
+    cfg = configs.select_config("decode", m, 576, 576, bits, 128)
+    tiles = -(-576 // cfg.block_n) * -(-m // cfg.block_m)
+    split, _ = configs.k_ranges(576, configs.fit_block_k(cfg.block_k, 128), tiles, sms, cfg)
+    assert (split == 1) == (sms == 1)
+    bias = torch.randn(576).to(torch.float16)
+    ref = reference.forward(x.double(), qweight, qzeros, scales, spec, bias.double())
+    first = ops.forward(x, weight, scales, spec, bias)
+    assert rel_err(first, ref) < TOLERANCE[torch.float16]
+    assert torch.equal(ops.forward(x, weight, scales, spec, bias), first)
+    (tickets,) = ops._TICKETS.values()
+    assert tickets.numel() >= tiles and not tickets.any()
+
+
 @pytest.mark.parametrize("bits,group,dtype", [(3, 128, torch.float16), (2, 64, torch.bfloat16)])
 def test_large_m_dequantize_then_matmul_matches_reference(poisoned_outputs, bits, group, dtype):
     """From DENSE_MIN_M rows, forward and dx dequantize once and multiply densely (cuBLAS on a GPU)."""

@@ -53,10 +53,14 @@ def gemm_fwd_kernel(
 
 @triton.jit
 def decode_splitk_kernel(
-    x_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, ws_ptr, M, N, K, stride_xm, K_PER_SPLIT,
-    GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K, stride_xm, stride_ym,
+    K_PER_SPLIT, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Partial sums ws[split, m, n] over one K range per program: GEMV for decode-sized M, no atomics.
+    """y = x @ W_hat^T (+ bias) for decode-sized M in one launch: program (n tile, split, row tile) sums one
+    K range. With several ranges each program writes its fp32 partial to ws[split, m, n] and takes a ticket
+    for its output tile; the last to arrive adds the partials in split order (the same order whichever
+    program finishes last: deterministic), writes y and resets the ticket to 0 for the next launch.
 
     A program serves BLOCK_M rows, so a weight is loaded and unpacked once for all of them (M = 2..4 would
     otherwise read the whole weight once per row). At 2 and 4 bits the codes are read in place (`plane_dot`:
@@ -90,8 +94,25 @@ def decode_splitk_kernel(
         s = tl.load(s_ptr + gi * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         # sum_k x_k (q - z) s = s * (sum_k x_k q_k - z * sum_k x_k): one multiply per group, not per weight
         acc += s[None, :] * (dot - z[None, :] * xsum[:, None])
-    tl.store(ws_ptr + (pid_k * M + first + rm[:, None]) * N + offs_n[None, :], acc,
-             mask=(rm[:, None] < m_rows) & n_mask[None, :])
+    out_mask = (rm[:, None] < m_rows) & n_mask[None, :]
+    splits = tl.num_programs(1)
+    last = splits == 1
+    if not last:
+        tl.store(ws_ptr + (pid_k * M + first + rm[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket releases them (acq_rel)
+        ticket = tl.program_id(2) * tl.num_programs(0) + pid_n
+        last = tl.atomic_add(tickets_ptr + ticket, 1, sem="acq_rel") == splits - 1
+        if last:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for split in range(splits):  # .cg: read from L2, where the other programs' partials are
+                acc += tl.load(ws_ptr + (split * M + first + rm[:, None]) * N + offs_n[None, :], mask=out_mask,
+                               other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(tickets_ptr + ticket, 0, sem="relaxed")  # the launch boundary orders it
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + (first + rm[:, None]) * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=out_mask)
 
 
 @triton.jit

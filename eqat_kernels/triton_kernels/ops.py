@@ -112,6 +112,23 @@ def dense_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+_TICKETS: dict[tuple, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device, count: int) -> torch.Tensor:
+    """Per-tile arrival counters of the one-launch decode, zero between launches (the last program of each
+    tile resets its own), so they are allocated once per device and stream, never per call: a launch then
+    costs no memset and can be captured in a CUDA graph. Streams get their own, as launches on two streams
+    may run at once."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    tickets = _TICKETS.get(key)
+    if tickets is None or tickets.numel() < count:
+        tickets = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _TICKETS[key] = tickets
+    return tickets
+
+
 def _reduce(ws: torch.Tensor, bias, y: torch.Tensor) -> None:
     """y = sum of the fp32 partials ws[split, m, n] in split order (+ bias): deterministic, no atomics."""
     split, m, n = ws.shape
@@ -141,13 +158,13 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
         bk = fit_block_k(cfg.block_k, spec.group)
         n_tiles, m_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m)
         split, k_per_split = k_ranges(k, bk, n_tiles * m_tiles, _sm_count(x.device), cfg)
-        ws = _output(split, m, n, dtype=torch.float32, device=x.device)
+        ws = _output(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
         kernels.decode_splitk_kernel[(n_tiles, split, m_tiles)](
-            x2, *weight, scales, ws, m, n, k, x2.stride(0), k_per_split,
-            GROUP=spec.group, BITS=spec.bits, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+            x2, *weight, scales, y if bias is None else bias, y, ws, _tickets(x.device, n_tiles * m_tiles),
+            m, n, k, x2.stride(0), y.stride(0), k_per_split, GROUP=spec.group, BITS=spec.bits,
+            HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        _reduce(ws, bias, y)
     else:
         cfg = config or _select(x.device, "gemm", m, n, k, spec.bits, spec.group, x.dtype == torch.float32)
         bk = fit_block_k(cfg.block_k, spec.group)

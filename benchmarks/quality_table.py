@@ -61,22 +61,26 @@ def run_one(method: str, setting: str, extra: list[str]) -> dict:
 
 
 def evaluate_all(folders: list[str], windows: int) -> dict:
-    """One `eqat eval` over every checkpoint, cached in `RUNS/fidelity.json` per checkpoint set."""
+    """Fidelity of every checkpoint, cached per checkpoint in `RUNS/fidelity.json` (keyed by texts and
+    windows, and by the checkpoint's weights file time): one `eqat eval` of the checkpoints not yet
+    evaluated (re-running some rows evaluates only those; the fp model is deterministic)."""
     cache = RUNS / "fidelity.json"
-    key = {"checkpoints": folders, "texts": REPORTED, "windows": windows}
-    if cache.exists():
-        saved = json.loads(cache.read_text())
-        if saved.get("key") == key:
-            return saved["fidelity"]
-    cmd = eqat("eval", *folders, "--texts", *REPORTED, "--windows", str(windows))
-    print("$", " ".join(cmd[1:]), flush=True)
-    t0 = time.time()
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
-    fid = json.loads(out)["fidelity"]
-    fid = fid if len(folders) > 1 else {folders[0]: fid}
-    print(f"  evaluation of {len(folders)} checkpoints: {time.time() - t0:.0f} s", flush=True)
-    cache.write_text(json.dumps({"key": key, "fidelity": fid}, indent=1))
-    return fid
+    key = {"texts": REPORTED, "windows": windows}
+    saved = json.loads(cache.read_text()) if cache.exists() else {}
+    known = saved.get("fidelity", {}) if saved.get("key") == key else {}
+    stamp = {f: (Path(f) / "model.safetensors").stat().st_mtime for f in folders}
+    todo = [f for f in folders if f not in known or known[f].get("stamp") != stamp[f]]
+    if todo:
+        cmd = eqat("eval", *todo, "--texts", *REPORTED, "--windows", str(windows))
+        print("$", " ".join(cmd[1:]), flush=True)
+        t0 = time.time()
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+        fid = json.loads(out)["fidelity"]
+        fid = fid if len(todo) > 1 else {todo[0]: fid}
+        print(f"  evaluation of {len(todo)} checkpoints: {time.time() - t0:.0f} s", flush=True)
+        known.update({f: {**fid[f], "stamp": stamp[f]} for f in todo})
+        cache.write_text(json.dumps({"key": key, "fidelity": known}, indent=1))
+    return {f: {k: v for k, v in known[f].items() if k != "stamp"} for f in folders}
 
 
 def trained_params(folder: Path) -> dict:

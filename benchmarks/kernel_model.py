@@ -141,6 +141,9 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
         programs, iters = math.ceil(m / bm) * math.ceil(n / bn) * split, math.ceil(math.ceil(k / bk) / split)
     elif kernel == "grad_input":
         programs, iters = math.ceil(m / bm) * math.ceil(k / bk), math.ceil(n / bn)
+    elif kernel == "grad_scales" and cfg.get("DENSE_GW"):  # weighting cuBLAS's fp32 x^T dy, chunk by chunk
+        g = k if group == -1 else group
+        programs, iters = math.ceil(n / bn) * math.ceil(k / g), math.ceil(g / bk)
     elif kernel == "grad_scales":
         programs, iters = math.ceil(n / bn) * math.ceil(k / (k if group == -1 else group)), math.ceil(m / bm)
     elif kernel == "splitk_reduce":
@@ -170,6 +173,8 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
     if kernel in ("gemm_fwd", "grad_input"):
         weight_reads = weight_total * (1 + rereads * (math.ceil(m / bm) - 1))
         io = act * (m * k + m * n) + (4 * m * n * split if split > 1 else 0)  # fp32 partials of a split
+    elif kernel == "grad_scales" and cfg.get("DENSE_GW"):
+        weight_reads, io = weight_total, 4 * n * k  # the fp32 x^T dy read once
     elif kernel == "grad_scales":
         weight_reads = weight_total
         io = act * (m * k + m * n) * math.ceil(n / bn)  # x re-read per N tile, dy per group
@@ -201,10 +206,18 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
             "mix": mix(loop)}
 
 
-def fp16_cublas_us(gpu: GPU, m: int, n: int, k: int, backward: bool = False) -> float:
-    """fp16 dense GEMM at its own roofline (a lower bound on cuBLAS), one launch."""
-    bytes_total = 2 * (n * k + m * k + m * n)
+def fp16_cublas_us(gpu: GPU, m: int, n: int, k: int, weight_bytes: int = 2) -> float:
+    """fp16 dense GEMM at its own roofline (a lower bound on cuBLAS), one launch; `weight_bytes` per element
+    of the N x K operand (4: the dense scale gradient's fp32 x^T dy output)."""
+    bytes_total = weight_bytes * n * k + 2 * (m * k + m * n)
     return (max(bytes_total / gpu.bandwidth, 2 * m * n * k / gpu.fp16_tensor_flops) + gpu.launch_s) * 1e6
+
+
+def dense_part_us(op: str, gpu: GPU, m: int, n: int, k: int) -> float:
+    """The cuBLAS product of a launch that takes the dense path (`configs.uses_dense`), 0 otherwise."""
+    if op not in ("forward", "grad_input", "grad_scales") or not uses_dense(op, m, gpu.cc, True):
+        return 0.0
+    return fp16_cublas_us(gpu, m, n, k, 4 if op == "grad_scales" else 2)
 
 
 def _builds(job):
@@ -227,9 +240,9 @@ def collect(workers: int = 2) -> list[dict]:
             for n, k in SHAPES:
                 rows = [{**model_row(r, gpu, n, k), "kernel": r["kernel"], "config": r["config"],
                          "registers": r["registers"], "shared_bytes": r["shared_bytes"]} for r in reports]
-                # forward / dx from DENSE_MIN_M rows: our dequantize, then cuBLAS on the dense weight
-                dense = op in ("forward", "grad_input") and uses_dense(op, m, gpu.cc, True)
-                ours = sum(r["predicted_us"] for r in rows) + (fp16_cublas_us(gpu, m, n, k) if dense else 0.0)
+                # from DENSE_MIN_M rows: forward / dx dequantize then cuBLAS; ds cuBLAS x^T dy then our weighting
+                dense = dense_part_us(op, gpu, m, n, k) > 0
+                ours = sum(r["predicted_us"] for r in rows) + dense_part_us(op, gpu, m, n, k)
                 base = fp16_cublas_us(gpu, m, n, k)
                 main = rows[0]
                 records.append({
@@ -256,35 +269,40 @@ def _fused_builds(job):
     op, bits, group, cc = job
     kernel = "gemm" if op == "forward" else op
     config = select_config(kernel, 4096, 4096, 4096, bits, group)  # the tiles of every M above 128
-    return job, [asdict(r) for r in build(Case(op, 4096, 4096, 4096, bits, group, config=config), cc, with_sass=True)]
+    fused = [asdict(r) for r in build(Case(op, 4096, 4096, 4096, bits, group, config=config), cc, with_sass=True)]
+    if op == "grad_scales":  # the dense path's own kernel: the launcher's choice at M = 4096
+        dense = [asdict(r) for r in build(Case(op, 4096, 4096, 4096, bits, group), cc, with_sass=True)]
+    else:
+        dense = [asdict(r) for r in build(Case("dequantize", 1, 4096, 4096, bits, group), cc, with_sass=True)]
+    return job, (fused[0], dense[0])
 
 
 def crossover(workers: int = 2) -> list[dict]:
-    """Forward and dx on 4096 x 4096 at several M: our fused tiles vs dequantize + cuBLAS, both PREDICTED;
-    the evidence for `configs.DENSE_MIN_M`."""
-    from eqat_kernels.triton_kernels.aot import Case, build
-
-    jobs = [(op, b, g, gpu.cc) for gpu in GPUS.values() for op in ("forward", "grad_input") for b, g in SETTINGS.values()]
+    """Forward, dx and ds on 4096 x 4096 at several M, PREDICTED: our fused tiles vs the dense path (forward,
+    dx: dequantize + cuBLAS; ds: cuBLAS's fp32 x^T dy + our weighting per group); the evidence for
+    `configs.DENSE_MIN_M`."""
+    ops_ = ("forward", "grad_input", "grad_scales")
+    jobs = [(op, b, g, gpu.cc) for gpu in GPUS.values() for op in ops_ for b, g in SETTINGS.values()]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        fused = dict(pool.map(_fused_builds, jobs))
+        built = dict(pool.map(_fused_builds, jobs))
     rows = []
     for gpu in GPUS.values():
         for b, g in SETTINGS.values():
-            deq = [asdict(r) for r in build(Case("dequantize", 1, 4096, 4096, b, g), gpu.cc, with_sass=True)][0]
-            t_deq = model_row(deq, gpu, 4096, 4096)["predicted_us"]
-            for op in ("forward", "grad_input"):
-                report = fused[(op, b, g, gpu.cc)][0]
+            for op in ops_:
+                report, dense = built[(op, b, g, gpu.cc)]
                 for m in CROSSOVER_M:
                     t_fused = model_row({**report, "m": m}, gpu, 4096, 4096)["predicted_us"]
+                    t_dense = model_row({**dense, "m": m}, gpu, 4096, 4096)["predicted_us"]
+                    t_dense += fp16_cublas_us(gpu, m, 4096, 4096, 4 if op == "grad_scales" else 2)
                     t_cublas = fp16_cublas_us(gpu, m, 4096, 4096)
                     rows.append({"gpu": gpu.name, "op": op, "bits": b, "group_size": g, "M": m,
-                                 "fused_us": round(t_fused, 2), "dense_us": round(t_deq + t_cublas, 2),
+                                 "fused_us": round(t_fused, 2), "dense_us": round(t_dense, 2),
                                  "fp16_us": round(t_cublas, 2), "label": "predicted"})
     return rows
 
 
 def print_crossover(rows: list[dict]) -> None:
-    print("\nPREDICTED fused tiles vs dequantize + cuBLAS, 4096 x 4096 (speedup vs fp16 cuBLAS; * = launcher's path)")
+    print("\nPREDICTED fused tiles vs the dense path, 4096 x 4096 (speedup vs fp16 cuBLAS; * = launcher's path)")
     print(f"{'gpu':5} {'op':11} {'setting':7} " + " ".join(f"{'M=' + str(m):>13}" for m in CROSSOVER_M))
     keys = sorted({(r["gpu"], r["op"], r["bits"], r["group_size"]) for r in rows})
     for gpu, op, bits, group in keys:

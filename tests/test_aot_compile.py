@@ -56,6 +56,8 @@ def test_every_kernel_and_target_was_built(report):
         assert (kernel, 128, "bfloat16", "float32") in variants  # E2E-QP's fp32 master scales
         assert (kernel, 128, "float32", "float32") in variants  # --no-bf16
     assert {r["m"] for r in report if r["kernel"] == "decode_splitk"} >= {1, 4}
+    dense_ds = {(r["arch"], r["bits"], r["dtype"]) for r in report if r["config"].get("DENSE_GW")}
+    assert dense_ds >= {(a, b, d) for a in ("sm_80", "sm_90a") for b in (2, 3, 4) for d in ("float16", "bfloat16")}
 
 
 def test_builds_are_specialised_as_the_jit_launcher_would(report):
@@ -79,7 +81,8 @@ def test_builds_have_cubin_no_spills_and_fit_shared_memory(report):
 def test_matmul_kernels_use_tensor_cores(report):
     """fp16/bf16 dots run on tensor cores; the fp32 path asks for exact ieee products (FMA) on purpose."""
     for r in report:
-        if r["kernel"] in TENSOR_CORE_KERNELS and r["dtype"] != "float32":
+        # the dense scale gradient's kernel has no dot: cuBLAS did the product
+        if r["kernel"] in TENSOR_CORE_KERNELS and r["dtype"] != "float32" and not r["config"].get("DENSE_GW"):
             ok = r["has_mma"] or (r["arch"] == "sm_90a" and r["has_wgmma"])
             assert ok, f"no mma/wgmma in {r['kernel']} {r['config']} {r['arch']} b{r['bits']} {r['dtype']}"
 
@@ -120,10 +123,11 @@ def test_offsets_that_can_pass_2_31_are_computed_in_int64(tmp_path):
         from eqat_kernels.triton_kernels.configs import KernelConfig
 
         big = 2**31 // 4096 + 32  # a multiple of 32 (packing), M x 4096 > 2^31
-        # forward and dx at this M take dequantize + cuBLAS by default; the tiles still serve fp32 and tuning
+        # forward, dx and ds at this M take the dense paths by default; the tiles still serve fp32 and tuning
         for case in [Case("forward", big, 4096, 4096, 4, config=KernelConfig(128, 128, 32, 8, 3)),
                      Case("grad_input", big, 4096, 4096, 3, config=KernelConfig(128, 64, 64, 8, 3)),
-                     Case("grad_scales", big, 4096, 4096, 2), Case("dequantize", 1, big, 4096, 4)]:
+                     Case("grad_scales", big, 4096, 4096, 2, config=KernelConfig(32, 64, 32, 4, 3)),
+                     Case("dequantize", 1, big, 4096, 4)]:
             for fn, args, kwargs, grid in launches(case):
                 ttir = compile_launch(fn, args, kwargs, 90)[0].asm["ttir"]
                 loops = re.findall(r"scf.for .*", ttir)

@@ -125,6 +125,22 @@ def test_large_m_dequantize_then_matmul_matches_reference(poisoned_outputs, bits
     assert rel_err(dx, reference.grad_input(dy.double(), qweight, qzeros, scales, spec)) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("bits,group,dtype,chunk_groups", [(3, 128, torch.float16, 1), (2, 64, torch.bfloat16, 4),
+                                                           (4, -1, torch.float16, 1)])
+def test_large_m_scale_gradient_from_dense_product_matches_reference(poisoned_outputs, monkeypatch, bits, group,
+                                                                     dtype, chunk_groups):
+    """From DENSE_MIN_M rows ds and dz weight an fp32 x^T dy computed a chunk of whole groups at a time
+    (cuBLAS on a GPU); K = 576 leaves a partial last group, and chunks of 1 and 4 groups split K unevenly."""
+    m = configs.DENSE_MIN_M[("grad_scales", 90)] + 5
+    assert configs.uses_dense("grad_scales", m, ops.target_capability(torch.device("cpu")), True)
+    assert not configs.uses_dense("grad_scales", m, 90, False)  # fp32 activations keep the fused tiles
+    spec, qweight, qzeros, scales, weight, x, dy = _setup(bits, group, dtype, m, 96, 576)
+    monkeypatch.setattr(ops, "DENSE_GW_BYTES", chunk_groups * 4 * spec.group * 96)
+    ds, dz = ops.grad_scales(x, dy, weight, scales, spec, with_zeros=True)
+    ds_ref, dz_ref = reference.grad_scales(x.double(), dy.double(), qweight, qzeros, scales, spec, with_zeros=True)
+    assert rel_err(ds, ds_ref) < 1e-5 and rel_err(dz, dz_ref) < 1e-5
+
+
 def test_mid_m_gemm_splits_k_when_tiles_are_few():
     """M = 17 on a 64-wide layer is one or two tiles: K is split so the grid fills the GPU; M = 4096 is not
     (the split GEMM's numbers are checked by the reference tests above, M = 17 and 130)."""

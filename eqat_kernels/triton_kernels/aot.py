@@ -79,21 +79,22 @@ class BuildReport:
 @contextlib.contextmanager
 def _captured_launches(cc: int):
     """Inside: `kernel[grid](...)` records (kernel, args, kwargs, grid) instead of launching, the launchers
-    decide as on compute capability `cc`, and the large-M path's cuBLAS product (`ops.dense_matmul`, not a
-    Triton kernel) returns an empty result."""
+    decide as on compute capability `cc`, and the large-M paths' cuBLAS products (`ops.dense_matmul`,
+    `ops.dense_matmul_fp32`, not Triton kernels) return empty results."""
     launches = []
-    saved = JITFunction.run, ops.dense_matmul, ops.target_capability
+    saved = JITFunction.run, ops.dense_matmul, ops.dense_matmul_fp32, ops.target_capability
 
     def record(self, *args, grid, warmup, **kwargs):
         launches.append((self, args, kwargs, tuple(grid)))
 
     JITFunction.run = record
     ops.dense_matmul = lambda a, b: torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
+    ops.dense_matmul_fp32 = lambda a, b: torch.empty(a.shape[0], b.shape[1], dtype=torch.float32)
     ops.target_capability = lambda device: cc
     try:
         yield launches
     finally:
-        JITFunction.run, ops.dense_matmul, ops.target_capability = saved
+        JITFunction.run, ops.dense_matmul, ops.dense_matmul_fp32, ops.target_capability = saved
 
 
 def launches(case: Case, cc: int = 90) -> list[tuple]:
@@ -183,7 +184,7 @@ def build(case: Case, cc: int, with_sass: bool = False) -> list[BuildReport]:
         compiled, marks = compile_launch(fn, args, kwargs, cc)
         ptx = compiled.asm["ptx"]
         config = {k: v for k, v in kwargs.items() if k.startswith("BLOCK_") or k in ("num_warps", "num_stages",
-                                                                                        "GROUP_M", "SPLIT_K")}
+                                                                                        "GROUP_M", "DENSE_GW")}
         reports.append(BuildReport(
             kernel=fn.__name__.removesuffix("_kernel"), arch=arch, bits=case.bits, group_size=case.group_size,
             dtype=case.act, scales_dtype=case.scales, m=case.m, n=case.n, k=case.k, grid=list(grid), config=config,
@@ -200,14 +201,16 @@ def shipped_cases(bits=(2, 3, 4), acts=("float16", "bfloat16")) -> list[Case]:
     """Every (kernel, candidate config) the launchers can pick, at an M inside its bucket, group 128."""
     n, k = SHAPE
     op_of = {"gemm": "forward", "decode": "forward", "grad_input": "grad_input", "grad_scales": "grad_scales",
-             "dequantize": "dequantize"}
+             "grad_scales_dense": "grad_scales", "dequantize": "dequantize"}
     cases = []
     for kernel, buckets in CANDIDATES.items():
         for b in bits:
             for upper, configs in BITS_CANDIDATES.get((kernel, b), buckets):
                 # the top of the M bucket
                 m = 1 if kernel == "dequantize" else (upper or (DECODE_MAX_M if kernel == "decode" else 4096))
-                cases += [Case(op_of[kernel], m, n, k, b, 128, a, "float16", cfg) for cfg in configs for a in acts]
+                # a given config forces the fused tiles; the dense scale gradient is the launcher's own choice
+                cases += [Case(op_of[kernel], m, n, k, b, 128, a, "float16", None if kernel == "grad_scales_dense" else cfg)
+                          for cfg in configs for a in acts]
     return cases
 
 

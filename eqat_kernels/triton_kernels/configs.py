@@ -19,8 +19,8 @@ DECODE_MAX_M = 4
 # cuBLAS) and dense wins from M = 1024 (forward) / 512 (dx); on A100 the fused forward stays at the tensor
 # roofline, dense dx wins from 512. An unknown architecture takes the rule of the newest one below it.
 DENSE_MIN_M: dict[tuple[str, int], int | None] = {
-    ("forward", 80): None, ("grad_input", 80): 512,
-    ("forward", 90): 1024, ("grad_input", 90): 512,
+    ("forward", 80): None, ("grad_input", 80): 512, ("grad_scales", 80): 256,
+    ("forward", 90): 1024, ("grad_input", 90): 512, ("grad_scales", 90): 256,
 }
 
 
@@ -81,6 +81,8 @@ CANDIDATES: dict[str, list[tuple[int | None, list[KernelConfig]]]] = {
     ],
     "grad_scales": [(None, [KernelConfig(32, 64, 32, 4, 3), KernelConfig(128, 64, 64, 8, 2),
                             KernelConfig(64, 128, 32, 4, 2)])],
+    # the dense scale-gradient path's weighting of cuBLAS's fp32 x^T dy (`grad_scales_kernel` with DENSE_GW)
+    "grad_scales_dense": [(None, [KernelConfig(1, 128, 32, 4, 2)])],
     "dequantize": [(None, [KernelConfig(1, 64, 64)])],
 }
 

@@ -162,17 +162,20 @@ def grad_input_kernel(
 
 @triton.jit
 def grad_scales_kernel(
-    x_ptr, dy_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, ds_ptr, dz_ptr, M, N, K, stride_xm, stride_dym,
-    GROUP: tl.constexpr, BITS: tl.constexpr, COMPUTE_DZ: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, dy_ptr, gw_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, ds_ptr, dz_ptr, M, N, K, stride_xm, stride_dym, FIRST_GROUP,
+    GROUP: tl.constexpr, BITS: tl.constexpr, COMPUTE_DZ: tl.constexpr, DENSE_GW: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """ds[g, n] = sum_{k in g} (q - z)[k, n] * (x^T dy)[k, n], one program per (group, N tile).
 
-    The K x N weight gradient exists only tile by tile in registers; each program owns its output
+    Fused (DENSE_GW off): the K x N weight gradient exists only tile by tile in registers, each program
+    summing x^T dy over all M. DENSE_GW: `gw_ptr` holds x^T dy in fp32 for the rows of groups FIRST_GROUP..
+    (one chunk, computed by cuBLAS) and the program only weights and sums it. Each program owns its output
     elements, so the result is deterministic (no atomics).
     """
     pid_n = tl.program_id(0)
-    gi = tl.program_id(1)
+    gi = FIRST_GROUP + tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
@@ -181,20 +184,26 @@ def grad_scales_kernel(
     dz = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for kk in range(0, GROUP, BLOCK_K):
         k = gi * GROUP + kk + offs_k
-        gw = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        # scalar tile bases advance as 64-bit pointers (M x K, M x N may pass 2^31); offsets inside a tile
-        # stay int32 and loop-invariant
-        x_off = offs_m[None, :] * stride_xm + k[:, None]
-        dy_off = offs_m[:, None] * stride_dym + offs_n[None, :]
-        x_base = x_ptr
-        dy_base = dy_ptr
-        for m0 in range(0, M, BLOCK_M):
-            m = m0 + offs_m
-            xt = tl.load(x_base + x_off, mask=(m[None, :] < M) & (k[:, None] < K), other=0.0)
-            dy = tl.load(dy_base + dy_off, mask=(m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-            gw = mma(xt, dy, gw, DOT_PRECISION, UPCAST)
-            x_base += BLOCK_M * stride_xm
-            dy_base += BLOCK_M * stride_dym
+        if DENSE_GW:
+            # the chunk's rows start at FIRST_GROUP's first row; its base as int64 (a chunk may pass 2^31 elements)
+            row = (tl.program_id(1) * GROUP + kk).to(tl.int64) * N
+            gw = tl.load(gw_ptr + row + offs_k[:, None] * N + offs_n[None, :],
+                         mask=(k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+        else:
+            gw = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+            # scalar tile bases advance as 64-bit pointers (M x K, M x N may pass 2^31); offsets inside a tile
+            # stay int32 and loop-invariant
+            x_off = offs_m[None, :] * stride_xm + k[:, None]
+            dy_off = offs_m[:, None] * stride_dym + offs_n[None, :]
+            x_base = x_ptr
+            dy_base = dy_ptr
+            for m0 in range(0, M, BLOCK_M):
+                m = m0 + offs_m
+                xt = tl.load(x_base + x_off, mask=(m[None, :] < M) & (k[:, None] < K), other=0.0)
+                dy = tl.load(dy_base + dy_off, mask=(m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+                gw = mma(xt, dy, gw, DOT_PRECISION, UPCAST)
+                x_base += BLOCK_M * stride_xm
+                dy_base += BLOCK_M * stride_dym
         q = load_code_tile(qw_ptr, qh_ptr, gi * GROUP + kk, offs_n, K, N, BITS, BLOCK_K, False)
         ds += tl.sum((q - z[None, :]).to(tl.float32) * gw, axis=0)
         if COMPUTE_DZ:

@@ -112,6 +112,17 @@ def dense_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+DENSE_GW_BYTES = 256 * 2**20  # the fp32 x^T dy chunk of the dense scale-gradient path (whole groups)
+
+
+def dense_matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` with fp32 output from fp16/bf16 inputs (cuBLAS accumulates in fp32 and writes fp32:
+    `aten::mm.dtype`, CUDA only); elsewhere the same product computed in fp32."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 _TICKETS: dict[tuple, torch.Tensor] = {}
 
 
@@ -204,7 +215,9 @@ def grad_input(dy, weight: KernelWeight, scales, spec: QuantSpec, config: Kernel
 
 def grad_scales(x, dy, weight: KernelWeight, scales, spec: QuantSpec, with_zeros: bool = False,
                 config: KernelConfig | None = None):
-    """Fused `ds [G, N]` (and `dz` if asked) in fp32, never materializing the K x N weight gradient."""
+    """`ds [G, N]` (and `dz` if asked) in fp32. Fused tiles never materialize the K x N weight gradient; from
+    `configs.DENSE_MIN_M` rows (fp16/bf16) cuBLAS computes x^T dy in fp32 a chunk of whole groups at a time
+    (at most `DENSE_GW_BYTES`, or one group) and the kernel weights and sums it per group."""
     x2 = check_activation(x, spec, spec.in_features, "x")
     dy2 = check_activation(dy, spec, spec.out_features, "dy")
     if x2.shape[0] != dy2.shape[0] or x.dtype != dy.dtype:
@@ -213,13 +226,28 @@ def grad_scales(x, dy, weight: KernelWeight, scales, spec: QuantSpec, with_zeros
     m, n, k = x2.shape[0], spec.out_features, spec.in_features
     ds = _output(spec.num_groups, n, dtype=torch.float32, device=x.device)
     dz = _output(spec.num_groups, n, dtype=torch.float32, device=x.device) if with_zeros else ds
-    cfg = config or _select(x.device, "grad_scales", m, n, k, spec.bits, spec.group, x.dtype == torch.float32)
-    kernels.grad_scales_kernel[(triton.cdiv(n, cfg.block_n), spec.num_groups)](
-        x2, dy2, *weight, scales, ds, dz, m, n, k, x2.stride(0), dy2.stride(0),
-        GROUP=spec.group, BITS=spec.bits, COMPUTE_DZ=with_zeros, **_dot_args(x.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=fit_block_k(cfg.block_k, spec.group),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    dense = config is None and uses_dense("grad_scales", m, target_capability(x.device), x.dtype != torch.float32)
+    cfg = config or _select(x.device, "grad_scales_dense" if dense else "grad_scales", m, n, k, spec.bits,
+                            spec.group, x.dtype == torch.float32)
+
+    def launch(first_group: int, groups: int, gw) -> None:
+        kernels.grad_scales_kernel[(triton.cdiv(n, cfg.block_n), groups)](
+            x2, dy2, gw, *weight, scales, ds, dz, m, n, k, x2.stride(0), dy2.stride(0), first_group,
+            GROUP=spec.group, BITS=spec.bits, COMPUTE_DZ=with_zeros, DENSE_GW=gw is not None, **_dot_args(x.dtype),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=fit_block_k(cfg.block_k, spec.group),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+    if not dense:
+        launch(0, spec.num_groups, None)
+        return ds, (dz if with_zeros else None)
+    # x^T dy by cuBLAS (fp32 out) a chunk of whole groups at a time, so the fp32 K x N gradient never exists
+    # whole; the kernel weights each chunk by (q - z) and sums it per group
+    per_chunk = max(1, DENSE_GW_BYTES // (4 * spec.group * n))
+    for first in range(0, spec.num_groups, per_chunk):
+        groups = min(per_chunk, spec.num_groups - first)
+        rows = slice(first * spec.group, min((first + groups) * spec.group, k))
+        launch(first, groups, dense_matmul_fp32(x2[:, rows].t(), dy2))
     return ds, (dz if with_zeros else None)
 
 

@@ -37,13 +37,14 @@ def warmup(weight: ops.KernelWeight, scales: torch.Tensor, spec: QuantSpec, m_va
         x = torch.randn(m, spec.in_features, dtype=dtype, device=scales.device)
         dy = torch.randn(m, spec.out_features, dtype=dtype, device=scales.device)
         cc, half = ops.target_capability(scales.device), dtype != torch.float32
-        # forward and dx run none of our tiles where they take dequantize + cuBLAS
+        # forward, dx and ds run none of the tuned tiles where they take their dense paths
         jobs = [] if uses_dense("forward", m, cc, half) else [
             ("decode" if m <= DECODE_MAX_M else "gemm", lambda c: ops.forward(x, weight, scales, spec, config=c))]
         if backward:
             if not uses_dense("grad_input", m, cc, half):
                 jobs += [("grad_input", lambda c: ops.grad_input(dy, weight, scales, spec, config=c))]
-            jobs += [("grad_scales", lambda c: ops.grad_scales(x, dy, weight, scales, spec, config=c))]
+            if not uses_dense("grad_scales", m, cc, half):
+                jobs += [("grad_scales", lambda c: ops.grad_scales(x, dy, weight, scales, spec, config=c))]
         for kernel, run in jobs:
             exact = dtype == torch.float32
             timings = {cfg: triton.testing.do_bench(lambda: run(cfg)) for cfg in candidates(kernel, m, exact, spec.bits)}

@@ -132,7 +132,7 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
     wbytes = _weight_bytes_per_iteration(kernel, cfg, bits, group, k)
     # a kernel without a K loop (dequantize) is one tile per program: all its instructions count
     ipb = len(loop or instrs) * threads / wbytes if wbytes else float("nan")
-    split = launch_split(report, gpu, n, k) if kernel in ("decode_splitk", "gemm_fwd", "splitk_reduce") else 1
+    split = launch_split(report, gpu, n, k) if kernel in ("decode_splitk", "gemm_fwd") else 1
     # grid and loop trip counts as the launcher would choose them for this (n, k)
     if kernel == "decode_splitk":
         n_tiles, k_tiles = math.ceil(n / bn), math.ceil(k / bk)
@@ -146,8 +146,6 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
         programs, iters = math.ceil(n / bn) * math.ceil(k / g), math.ceil(g / bk)
     elif kernel == "grad_scales":
         programs, iters = math.ceil(n / bn) * math.ceil(k / (k if group == -1 else group)), math.ceil(m / bm)
-    elif kernel == "splitk_reduce":
-        programs, iters = m * math.ceil(n / cfg.get("BLOCK_N", 256)), split
     elif kernel == "dequantize":
         programs, iters = math.ceil(n / bn) * math.ceil(k / bk), 1
     else:
@@ -172,7 +170,8 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
     rereads = 0 if weight_total <= gpu.l2_bytes / 2 else 1
     if kernel in ("gemm_fwd", "grad_input"):
         weight_reads = weight_total * (1 + rereads * (math.ceil(m / bm) - 1))
-        io = act * (m * k + m * n) + (4 * m * n * split if split > 1 else 0)  # fp32 partials of a split
+        # a split's fp32 partials, written once and read once by each tile's last program
+        io = act * (m * k + m * n) + (2 * 4 * m * n * split if split > 1 else 0)
     elif kernel == "grad_scales" and cfg.get("DENSE_GW"):
         weight_reads, io = weight_total, 4 * n * k  # the fp32 x^T dy read once
     elif kernel == "grad_scales":
@@ -185,12 +184,10 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
     elif kernel == "dequantize":
         weight_reads, io = weight_total, act * n * k  # the dense W_hat written once
     else:
-        weight_reads, io = 0.0, 4 * m * n * split + act * m * n
+        raise ValueError(f"no traffic model for kernel {kernel!r}")
     bytes_total = weight_reads + io
-    # loads one program has outstanding: an iteration's tiles (times the software-pipelining depth); the
-    # reduction reads all SPLIT_K partial rows at once
-    per_program = (cfg.get("BLOCK_N", 256) * 4 * split if kernel == "splitk_reduce"
-                   else wbytes * max(1, cfg.get("num_stages", 1) - 1))
+    # loads one program has outstanding: an iteration's tiles (times the software-pipelining depth)
+    per_program = wbytes * max(1, cfg.get("num_stages", 1) - 1)
     in_flight = active_sms * resident * per_program
     efficiency = min(1.0, in_flight / (gpu.bandwidth * gpu.latency_s))
     t_mem = bytes_total / (gpu.bandwidth * max(efficiency, 1e-3))

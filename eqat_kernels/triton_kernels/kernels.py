@@ -1,5 +1,5 @@
-"""The Triton kernels: large-M forward GEMM, decode split-K forward + deterministic reduction,
-input gradient, fused scale gradient, dequantize. Launch logic and configs live elsewhere.
+"""The Triton kernels: forward GEMM and decode GEMV (split-K with an in-launch deterministic reduction),
+input gradient, scale gradient, dequantize. Launch logic and configs live elsewhere.
 
 Every tile along K lies inside one quantization group (BLOCK_K divides the group size), so each
 tile reads its scales and zero points once; the partial last group is masked, never assumed away.
@@ -11,15 +11,48 @@ from .common import dequant_tile, load_code_tile, load_zeros, mma, plane_dot
 
 
 @triton.jit
-def gemm_fwd_kernel(
-    x_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, K_PER_SPLIT,
-    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """y[M, N] = x[M, K] @ W_hat^T, tiled tl.dot with W dequantized in registers.
+def finish_split(acc, first_row, rm, m_rows, offs_n, n_mask, ticket, M, N, b_ptr, y_ptr, stride_ym, ws_ptr,
+                 tickets_ptr, HAS_BIAS: tl.constexpr):
+    """Write the [BLOCK_M, BLOCK_N] output tile whose rows start at `first_row` (rows from `m_rows` on
+    masked), `acc` being this program's sum over its K range (grid axis 1 = the K ranges).
 
-    Program (tile, s) sums K range s; with one range `y_ptr` is the output, with several it is fp32
-    partials ws[s, M, N] that `splitk_reduce_kernel` adds in order (few tiles: M = 5..128 on narrow layers).
+    One range: y = acc (+ bias) directly. Several: every program writes its fp32 partial to ws[range, m, n]
+    and takes a ticket for its tile; the one that draws the last adds the partials in range order (the same
+    order whichever program finishes last: deterministic), writes y and resets the ticket to 0 for the next
+    launch, so a split costs no second launch and no memset.
+    """
+    out_mask = (rm[:, None] < m_rows) & n_mask[None, :]
+    splits = tl.num_programs(1)
+    last = splits == 1
+    if not last:
+        plane = tl.cast(M, tl.int64) * N  # ws[range] as int64 (M may be the constant 1)
+        tile = ws_ptr + (first_row + rm[:, None]).to(tl.int64) * N + offs_n[None, :]
+        tl.store(tile + tl.program_id(1) * plane, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket releases them (acq_rel)
+        last = tl.atomic_add(tickets_ptr + ticket, 1, sem="acq_rel") == splits - 1
+        if last:
+            acc = tl.zeros(acc.shape, dtype=tl.float32)
+            for _ in range(splits):  # in range order; .cg: from L2, where the other programs' partials are
+                acc += tl.load(tile, mask=out_mask, other=0.0, cache_modifier=".cg")
+                tile += plane
+            tl.atomic_xchg(tickets_ptr + ticket, 0, sem="relaxed")  # the launch boundary orders it
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y_tile = y_ptr + first_row.to(tl.int64) * stride_ym
+        tl.store(y_tile + rm[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def gemm_fwd_kernel(
+    x_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K, stride_xm, stride_ym,
+    K_PER_SPLIT, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y[M, N] = x[M, K] @ W_hat^T (+ bias), tiled tl.dot with W dequantized in registers.
+
+    Program (tile, s) sums K range s; several ranges (few tiles: M = 5..128 on narrow layers) are added in
+    order by the tile's last program (`finish_split`), in the same launch.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -36,7 +69,6 @@ def gemm_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     # the tile's first row as one int64 scalar (M x K and M x N can pass 2^31), rows inside it in int32
     x_tile = x_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_xm
-    y_tile = y_ptr + (pid_k.to(tl.int64) * M + pid_m * BLOCK_M) * stride_ym
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
@@ -45,10 +77,8 @@ def gemm_fwd_kernel(
                     mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
         w = dequant_tile(qw_ptr, qh_ptr, qz_ptr, s_ptr, k0, offs_n, k0 // GROUP, K, N, BITS, BLOCK_K, False)
         acc = mma(x, w.to(x.dtype), acc, DOT_PRECISION, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_tile + rm[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    finish_split(acc, pid_m * BLOCK_M, rm, M - pid_m * BLOCK_M, offs_n, offs_n < N, pid, M, N, b_ptr, y_ptr,
+                 stride_ym, ws_ptr, tickets_ptr, HAS_BIAS)
 
 
 @triton.jit
@@ -57,10 +87,8 @@ def decode_splitk_kernel(
     K_PER_SPLIT, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """y = x @ W_hat^T (+ bias) for decode-sized M in one launch: program (n tile, split, row tile) sums one
-    K range. With several ranges each program writes its fp32 partial to ws[split, m, n] and takes a ticket
-    for its output tile; the last to arrive adds the partials in split order (the same order whichever
-    program finishes last: deterministic), writes y and resets the ticket to 0 for the next launch.
+    """y = x @ W_hat^T (+ bias) for decode-sized M in one launch: program (n tile, K range, row tile) sums one
+    K range; several ranges are added in order by the tile's last program (`finish_split`).
 
     A program serves BLOCK_M rows, so a weight is loaded and unpacked once for all of them (M = 2..4 would
     otherwise read the whole weight once per row). At 2 and 4 bits the codes are read in place (`plane_dot`:
@@ -94,43 +122,8 @@ def decode_splitk_kernel(
         s = tl.load(s_ptr + gi * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         # sum_k x_k (q - z) s = s * (sum_k x_k q_k - z * sum_k x_k): one multiply per group, not per weight
         acc += s[None, :] * (dot - z[None, :] * xsum[:, None])
-    out_mask = (rm[:, None] < m_rows) & n_mask[None, :]
-    splits = tl.num_programs(1)
-    last = splits == 1
-    if not last:
-        tl.store(ws_ptr + (pid_k * M + first + rm[:, None]) * N + offs_n[None, :], acc, mask=out_mask)
-        tl.debug_barrier()  # every thread's partial is written before the ticket releases them (acq_rel)
-        ticket = tl.program_id(2) * tl.num_programs(0) + pid_n
-        last = tl.atomic_add(tickets_ptr + ticket, 1, sem="acq_rel") == splits - 1
-        if last:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for split in range(splits):  # .cg: read from L2, where the other programs' partials are
-                acc += tl.load(ws_ptr + (split * M + first + rm[:, None]) * N + offs_n[None, :], mask=out_mask,
-                               other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(tickets_ptr + ticket, 0, sem="relaxed")  # the launch boundary orders it
-    if last:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + (first + rm[:, None]) * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=out_mask)
-
-
-@triton.jit
-def splitk_reduce_kernel(
-    ws_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT_K,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """y[m, n] = sum over splits in a fixed order (deterministic) + bias, cast to the output dtype. The
-    split count is a runtime argument: one build serves every split the launcher chooses."""
-    m = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = offs_n < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for split in range(SPLIT_K):
-        acc += tl.load(ws_ptr + (split * M + m).to(tl.int64) * N + offs_n, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    finish_split(acc, first, rm, m_rows, offs_n, n_mask, tl.program_id(2) * tl.num_programs(0) + pid_n, M, N,
+                 b_ptr, y_ptr, stride_ym, ws_ptr, tickets_ptr, HAS_BIAS)
 
 
 @triton.jit

@@ -127,7 +127,7 @@ _TICKETS: dict[tuple, torch.Tensor] = {}
 
 
 def _tickets(device: torch.device, count: int) -> torch.Tensor:
-    """Per-tile arrival counters of the one-launch decode, zero between launches (the last program of each
+    """Per-tile arrival counters of the split-K launches (`kernels.finish_split`), zero between launches (the last program of each
     tile resets its own), so they are allocated once per device and stream, never per call: a launch then
     costs no memset and can be captured in a CUDA graph. Streams get their own, as launches on two streams
     may run at once."""
@@ -138,14 +138,6 @@ def _tickets(device: torch.device, count: int) -> torch.Tensor:
         tickets = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
         _TICKETS[key] = tickets
     return tickets
-
-
-def _reduce(ws: torch.Tensor, bias, y: torch.Tensor) -> None:
-    """y = sum of the fp32 partials ws[split, m, n] in split order (+ bias): deterministic, no atomics."""
-    split, m, n = ws.shape
-    kernels.splitk_reduce_kernel[(m, triton.cdiv(n, 256))](
-        ws, y if bias is None else bias, y, m, n, y.stride(0), split, HAS_BIAS=bias is not None, BLOCK_N=256,
-    )
 
 
 def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config: KernelConfig | None = None):
@@ -181,15 +173,13 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
         bk = fit_block_k(cfg.block_k, spec.group)
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         split, k_per_split = k_ranges(k, bk, tiles, _sm_count(x.device), cfg)
-        out = y if split == 1 else _output(split, m, n, dtype=torch.float32, device=x.device)
+        ws = _output(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
         kernels.gemm_fwd_kernel[(tiles, split)](
-            x2, *weight, scales, y if bias is None else bias, out, m, n, k, x2.stride(0), out.stride(-2), k_per_split,
-            GROUP=spec.group, BITS=spec.bits, HAS_BIAS=bias is not None and split == 1, **_dot_args(x.dtype),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+            x2, *weight, scales, y if bias is None else bias, y, ws, _tickets(x.device, tiles), m, n, k,
+            x2.stride(0), y.stride(0), k_per_split, GROUP=spec.group, BITS=spec.bits, HAS_BIAS=bias is not None,
+            **_dot_args(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        if split > 1:
-            _reduce(out, bias, y)
     return y.reshape(*x.shape[:-1], n)
 
 

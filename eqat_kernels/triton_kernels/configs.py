@@ -66,7 +66,9 @@ class KernelConfig:
 # shared memory (tests/test_aot_compile.py); the sweep that chose them is in the README.
 CANDIDATES: dict[str, list[tuple[int | None, list[KernelConfig]]]] = {
     "gemm": [
-        (32, [KernelConfig(16, 64, 64, 4, 2), KernelConfig(16, 128, 64, 4, 2)]),
+        # 16 x 128 x 128, 3 stages: enough bytes in flight per SM (64 x 64 x 2 stages was predicted latency-bound
+        # at 23-42% of the bandwidth; H100 M = 16 w4 1.17-2.10x -> 1.80-2.59x fp16 cuBLAS, docs/RESULTS.md)
+        (32, [KernelConfig(16, 128, 128, 4, 3), KernelConfig(16, 64, 64, 4, 2), KernelConfig(16, 128, 64, 4, 2)]),
         (128, [KernelConfig(64, 64, 64, 4, 3), KernelConfig(64, 64, 32, 4, 2)]),
         (None, [KernelConfig(128, 128, 32, 8, 3), KernelConfig(64, 64, 64, 4, 3)]),
     ],

@@ -127,10 +127,10 @@ _TICKETS: dict[tuple, torch.Tensor] = {}
 
 
 def _tickets(device: torch.device, count: int) -> torch.Tensor:
-    """Per-tile arrival counters of the split-K launches (`kernels.finish_split`), zero between launches (the last program of each
-    tile resets its own), so they are allocated once per device and stream, never per call: a launch then
-    costs no memset and can be captured in a CUDA graph. Streams get their own, as launches on two streams
-    may run at once."""
+    """Per-tile arrival counters of the split-K launches (`kernels.finish_split`), zero between launches
+    (the last program of each tile resets its own), so they are allocated once per device and stream,
+    never per call: a launch then costs no memset and can be captured in a CUDA graph. Streams get their
+    own, as launches on two streams may run at once."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     tickets = _TICKETS.get(key)

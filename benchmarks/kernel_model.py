@@ -210,11 +210,16 @@ def fp16_cublas_us(gpu: GPU, m: int, n: int, k: int, weight_bytes: int = 2) -> f
     return (max(bytes_total / gpu.bandwidth, 2 * m * n * k / gpu.fp16_tensor_flops) + gpu.launch_s) * 1e6
 
 
+def dense_cublas_us(op: str, gpu: GPU, m: int, n: int, k: int) -> float:
+    """The cuBLAS product of `op`'s dense path: W_hat in fp16 (forward, dx) or x^T dy out in fp32 (ds)."""
+    return fp16_cublas_us(gpu, m, n, k, 4 if op == "grad_scales" else 2)
+
+
 def dense_part_us(op: str, gpu: GPU, m: int, n: int, k: int) -> float:
     """The cuBLAS product of a launch that takes the dense path (`configs.uses_dense`), 0 otherwise."""
     if op not in ("forward", "grad_input", "grad_scales") or not uses_dense(op, m, gpu.cc, True):
         return 0.0
-    return fp16_cublas_us(gpu, m, n, k, 4 if op == "grad_scales" else 2)
+    return dense_cublas_us(op, gpu, m, n, k)
 
 
 def _builds(job):
@@ -260,18 +265,20 @@ def collect(workers: int = 2) -> list[dict]:
 CROSSOVER_M = (128, 256, 512, 1024, 2048, 4096)
 
 
-def _fused_builds(job):
+def _crossover_build(job):
+    """The first launch of one build: a fused tile (`fused`, the config of every M above 128) or the
+    launcher's own choice (the dense paths' kernels)."""
     from eqat_kernels.triton_kernels.aot import Case, build
 
-    op, bits, group, cc = job
-    kernel = "gemm" if op == "forward" else op
-    config = select_config(kernel, 4096, 4096, 4096, bits, group)  # the tiles of every M above 128
-    fused = [asdict(r) for r in build(Case(op, 4096, 4096, 4096, bits, group, config=config), cc, with_sass=True)]
-    if op == "grad_scales":  # the dense path's own kernel: the launcher's choice at M = 4096
-        dense = [asdict(r) for r in build(Case(op, 4096, 4096, 4096, bits, group), cc, with_sass=True)]
-    else:
-        dense = [asdict(r) for r in build(Case("dequantize", 1, 4096, 4096, bits, group), cc, with_sass=True)]
-    return job, (fused[0], dense[0])
+    op, m, bits, group, cc, fused = job
+    config = select_config("gemm" if op == "forward" else op, m, 4096, 4096, bits, group) if fused else None
+    return job, asdict(build(Case(op, m, 4096, 4096, bits, group, config=config), cc, with_sass=True)[0])
+
+
+def _dense_job(op: str, bits: int, group: int, cc: int) -> tuple:
+    """The dense path's own kernel: ds weights cuBLAS's x^T dy (the launcher's choice at M = 4096); forward
+    and dx dequantize."""
+    return ("grad_scales", 4096, bits, group, cc, False) if op == "grad_scales" else ("dequantize", 1, bits, group, cc, False)
 
 
 def crossover(workers: int = 2) -> list[dict]:
@@ -279,18 +286,19 @@ def crossover(workers: int = 2) -> list[dict]:
     dx: dequantize + cuBLAS; ds: cuBLAS's fp32 x^T dy + our weighting per group); the evidence for
     `configs.DENSE_MIN_M`."""
     ops_ = ("forward", "grad_input", "grad_scales")
-    jobs = [(op, b, g, gpu.cc) for gpu in GPUS.values() for op in ops_ for b, g in SETTINGS.values()]
+    keys = [(gpu.cc, op, b, g) for gpu in GPUS.values() for op in ops_ for b, g in SETTINGS.values()]
+    jobs = {(op, 4096, b, g, cc, True) for cc, op, b, g in keys} | {_dense_job(op, b, g, cc) for cc, op, b, g in keys}
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        built = dict(pool.map(_fused_builds, jobs))
+        built = dict(pool.map(_crossover_build, sorted(jobs)))
     rows = []
     for gpu in GPUS.values():
         for b, g in SETTINGS.values():
             for op in ops_:
-                report, dense = built[(op, b, g, gpu.cc)]
+                report, dense = built[(op, 4096, b, g, gpu.cc, True)], built[_dense_job(op, b, g, gpu.cc)]
                 for m in CROSSOVER_M:
                     t_fused = model_row({**report, "m": m}, gpu, 4096, 4096)["predicted_us"]
                     t_dense = model_row({**dense, "m": m}, gpu, 4096, 4096)["predicted_us"]
-                    t_dense += fp16_cublas_us(gpu, m, 4096, 4096, 4 if op == "grad_scales" else 2)
+                    t_dense += dense_cublas_us(op, gpu, m, 4096, 4096)
                     t_cublas = fp16_cublas_us(gpu, m, 4096, 4096)
                     rows.append({"gpu": gpu.name, "op": op, "bits": b, "group_size": g, "M": m,
                                  "fused_us": round(t_fused, 2), "dense_us": round(t_dense, 2),

@@ -89,7 +89,6 @@ def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BI
                     mask=(words_at[:, None] < K // PER) & n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
     fields = tl.arange(0, PER)
     k = k0 + tl.arange(0, WORDS)[:, None] * PER + fields[None, :]  # [WORDS, PER]
-    field_masks = ((1 << BITS) - 1) << (fields * BITS).to(tl.uint32)  # [PER] uint32
     rescale = ((127 - fields * BITS) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS*j), built exactly
     if BLOCK_M == 1:
         # (a program's first row always exists: the grid has cdiv(M, BLOCK_M) row tiles)
@@ -101,6 +100,7 @@ def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BI
         dot = tl.sum(part, axis=0)[None, :]
         xsum = tl.zeros((1,), dtype=tl.float32) + tl.sum(tl.sum(x, axis=1), axis=0)
     else:
+        field_masks = ((1 << BITS) - 1) << (fields * BITS).to(tl.uint32)  # [PER] uint32
         q = (words[:, None, :] & field_masks[None, :, None]).to(tl.float32)  # code * 2^(BITS*j)
         rm = tl.arange(0, BLOCK_M)
         x = tl.load(x_tile + rm[:, None, None] * stride_xm + k[None, :, :],

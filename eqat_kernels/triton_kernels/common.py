@@ -78,9 +78,9 @@ def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BI
     Field j of a word is masked in place, never shifted: as a float it is code * 2^(BITS*j), exact, so a
     weight costs a mask and a conversion once, then an FMA per row. One row (decode proper) scales x by
     2^-(BITS*j) instead (exact) and accumulates every field into one [words, columns] partial in the words'
-    load layout: no layout conversion of the weights and no cross-thread sum inside the K loop (sm_90a w4:
-    1106 -> 951 loop instructions). Several rows keep a partial sum per field, [rows, words, fields,
-    columns], rescaled after the K sum (the one-row form spills at 4 rows).
+    load layout: no layout conversion of the weights and no cross-thread sum inside the K loop. Several rows
+    keep a partial sum per field, [rows, words, fields, columns], rescaled after the K sum (the one-row form
+    spills at 4 rows).
     """
     PER: tl.constexpr = 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER

@@ -15,12 +15,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from eqat_kernels import paths
 from eqat_kernels.paths import CACHE_ENV
@@ -66,6 +68,31 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+class _GumbelTopK(LogitsProcessor):
+    """Top-k sampling at a temperature, as the Gumbel-max trick: noise is added to the k best scaled logits
+    only and every other token is set to -inf, so `generate`'s greedy step draws exactly the top-k softmax
+    sample. `generate(do_sample=True)` draws it with `torch.multinomial`, which makes an exponential random
+    number for every vocabulary entry: 63 ms of a 243 ms step at batch 64 x 49k tokens on 2 cores."""
+
+    def __init__(self, cfg: SelfGenConfig, generator: torch.Generator):
+        self.k, self.temperature, self.generator = cfg.top_k, cfg.temperature, generator
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        values, index = scores.float().topk(min(self.k, scores.shape[-1]), dim=-1)
+        uniform = torch.rand(values.shape, generator=self.generator).clamp_(min=torch.finfo(torch.float32).tiny)
+        pick = (values / self.temperature - (-uniform.log()).log()).argmax(-1, keepdim=True)
+        out = torch.full_like(scores, -math.inf)
+        return out.scatter_(-1, index.gather(-1, pick), 0.0)
+
+
+def _sample(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, cfg: SelfGenConfig,
+            generator: torch.Generator, pad: int, exact: bool = False) -> torch.Tensor:
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens if exact else None, do_sample=False, pad_token_id=pad,
+                          logits_processor=LogitsProcessorList([_GumbelTopK(cfg, generator)]),
+                          cache_implementation=STATIC)
+
+
 def _plain_batch(model, tokenizer, cfg: SelfGenConfig, rows: int, generator: torch.Generator) -> torch.Tensor:
     special = set(tokenizer.all_special_ids)
     vocab = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
@@ -73,9 +100,7 @@ def _plain_batch(model, tokenizer, cfg: SelfGenConfig, rows: int, generator: tor
     ids = model.generate(start, attention_mask=torch.ones_like(start), max_new_tokens=cfg.greedy_prefix,
                          min_new_tokens=cfg.greedy_prefix, do_sample=False, pad_token_id=0, cache_implementation=STATIC)
     rest = cfg.seq_len - ids.shape[1]
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=rest, min_new_tokens=rest,
-                         do_sample=True, top_k=cfg.top_k, temperature=cfg.temperature, pad_token_id=0,
-                         cache_implementation=STATIC)
+    out = _sample(model, ids, torch.ones_like(ids), rest, cfg, generator, pad=0, exact=True)
     return out[:, :cfg.seq_len]
 
 
@@ -86,23 +111,19 @@ def _user_header(tokenizer) -> list[int]:
     return tokenizer(text[:text.index(marker)], add_special_tokens=False).input_ids
 
 
-def _conversations(model, tokenizer, cfg: SelfGenConfig, rows: int) -> list[int]:
+def _conversations(model, tokenizer, cfg: SelfGenConfig, rows: int, generator: torch.Generator) -> list[int]:
     """`rows` conversations (user turn and answer both by the model), as one token stream."""
     header = torch.tensor([_user_header(tokenizer)] * rows)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    asked = model.generate(header, attention_mask=torch.ones_like(header), max_new_tokens=cfg.user_tokens,
-                           do_sample=True, top_k=cfg.top_k, temperature=cfg.temperature, pad_token_id=pad,
-                           cache_implementation=STATIC)
+    asked = _sample(model, header, torch.ones_like(header), cfg.user_tokens, cfg, generator, pad)
     questions = [tokenizer.decode(_until(row[header.shape[1]:].tolist(), eos), skip_special_tokens=True).strip()
                  for row in asked]
     prompts = [render_chat(tokenizer, [{"role": "user", "content": q or "Hello!"}]) for q in questions]
     width = max(map(len, prompts))
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left-padded
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    answers = model.generate(ids, attention_mask=mask, max_new_tokens=cfg.answer_tokens,
-                             do_sample=True, top_k=cfg.top_k, temperature=cfg.temperature, pad_token_id=pad,
-                           cache_implementation=STATIC)
+    answers = _sample(model, ids, mask, cfg.answer_tokens, cfg, generator, pad)
     stream: list[int] = []
     for p, row in zip(prompts, answers):
         stream += p + _until(row[width:].tolist(), eos, keep_end=True) + tokenizer("\n", add_special_tokens=False).input_ids
@@ -148,7 +169,7 @@ def generate_calibration(model: nn.Module, tokenizer, cfg: SelfGenConfig,
         while have < need:
             j = len(stream)
             stream.append(_cached(folder / f"chat_{j:04d}.safetensors", cfg, 1_000 + j,
-                                  lambda g: torch.tensor(_conversations(sampler.lm, tokenizer, cfg, cfg.batch_size))))
+                                  lambda g: torch.tensor(_conversations(sampler.lm, tokenizer, cfg, cfg.batch_size, g))))
             bar.update(min(need, have + stream[-1].numel()) // cfg.seq_len - have // cfg.seq_len)
             have += stream[-1].numel()
     finally:
@@ -164,7 +185,7 @@ def generate_calibration(model: nn.Module, tokenizer, cfg: SelfGenConfig,
     return windows
 
 
-LAYOUT = 3  # bump when the sampling procedure changes, so old caches are not mistaken for new ones
+LAYOUT = 4  # bump when the sampling procedure changes, so old caches are not mistaken for new ones
 
 
 def _check_finite(model: nn.Module, tokenizer) -> None:
@@ -197,7 +218,6 @@ def _cached(path: Path, cfg: SelfGenConfig, index: int, make) -> torch.Tensor:
     seed, so a resumed run produces exactly what an uninterrupted one would."""
     if path.exists():
         return runstate.load_tensors(path)["tokens"]
-    torch.manual_seed(cfg.seed * 100_003 + index)
     tokens = make(torch.Generator().manual_seed(cfg.seed * 100_003 + index))
     runstate.atomic_save_tensors({"tokens": tokens.contiguous()}, path)
     return tokens

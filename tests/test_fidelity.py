@@ -139,3 +139,20 @@ def test_self_generated_calibration_is_cached_resumable_and_tied_to_its_model(ti
     with torch.no_grad():
         other.model.norm.weight.add_(1.0)
     assert selfgen.model_fingerprint(other) != selfgen.model_fingerprint(model)  # other weights, other cache
+
+
+def test_gumbel_top_k_draws_the_top_k_softmax_at_its_temperature():
+    from eqat_train import selfgen
+
+    cfg = SelfGenConfig(sequences=1, seq_len=8, top_k=3, temperature=0.7)
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0, -4.0]])
+    pick = selfgen._GumbelTopK(cfg, torch.Generator().manual_seed(0))
+    draws = 40_000
+    scores = pick(None, logits.expand(draws, -1).clone())
+    assert torch.isinf(scores).sum(-1).eq(logits.shape[-1] - 1).all()  # greedy then takes the drawn token
+    counts = torch.bincount(scores.argmax(-1), minlength=logits.shape[-1]).double() / draws
+    top = logits[0].topk(3).indices
+    expected = torch.zeros(logits.shape[-1], dtype=torch.float64)
+    expected[top] = (logits[0, top].double() / 0.7).softmax(-1)
+    assert counts[expected == 0].sum() == 0  # never outside the top k
+    assert (counts - expected).abs().max() < 0.01  # 40k draws: standard error < 0.0025

@@ -49,6 +49,8 @@ class E2EConfig:
                              "position; ce: next-token cross-entropy on the calibration data", choices=LOSSES)
     instruct: str | None = option(None, "instruction-tuning JSONL ({prompt, response} or {messages}) instead of "
                                         "calibration windows; loss on the responses only")
+    norm_lr_scale: float = option(0.0, "also train the normalisation weights (kept in fp by the format) at this "
+                                       "multiple of the scales' lr; 0: scales only, as published")
     gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, ~30% slower)")
     save_every: int = option(8, "E2E-QP steps between resumable saves")
 
@@ -57,6 +59,8 @@ class E2EConfig:
             raise ValueError(f"E2E-QP loss must be one of {LOSSES}, got {self.loss!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.save_every < 1:
             raise ValueError("E2E-QP needs steps, batch_size, grad_accum and save_every >= 1")
+        if not (self.norm_lr_scale >= 0 and math.isfinite(self.norm_lr_scale)):
+            raise ValueError(f"E2E-QP norm_lr_scale must be a number >= 0, got {self.norm_lr_scale}")
         for name in ("lr", "lr_scale"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
@@ -89,6 +93,23 @@ def trainable_scales(model: nn.Module) -> dict[str, nn.Parameter]:
     if not scales:
         raise ValueError("the model has no QuantLinear layers: quantize it (Block-AP, RTN or GPTQ) before E2E-QP")
     return scales
+
+
+def trainable_norms(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The normalisation weights (every 1-D weight outside the packed layers; RMSNorm/LayerNorm), made
+    trainable in fp32. They stay fp in the checkpoint, so training them costs nothing at inference: each
+    one rescales the input features of the quantized layers it feeds, a per-channel degree of freedom
+    the per-group scales do not have."""
+    norms = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) or isinstance(m, nn.Embedding):
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if p.ndim == 1 and pname == "weight" and p.is_floating_point():
+                with torch.no_grad():
+                    p.data = p.data.float()
+                norms[f"{name}.{pname}"] = p.requires_grad_(True)
+    return norms
 
 
 def freeze_scales(model: nn.Module, dtype: torch.dtype = torch.float16) -> None:
@@ -141,6 +162,8 @@ class E2ETrainer:
         if len(examples) < self.global_batch:
             raise ValueError(f"E2E-QP global batch is {self.global_batch} examples but only {len(examples)} were given")
         self.scales = trainable_scales(model)
+        self.norms = trainable_norms(model) if cfg.norm_lr_scale > 0 else {}
+        self.trained = {**self.scales, **self.norms}
         self.bits = model_bits(model)
         if self.bits is None and cfg.lr is None:
             raise ValueError("E2E-QP's default learning rate depends on the bit-width and this model mixes several; "
@@ -153,7 +176,10 @@ class E2ETrainer:
             teacher.eval()
             for p in teacher.parameters():
                 p.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.scales.values(), lr=self.lr, weight_decay=0.0)
+        groups = [{"params": list(self.scales.values()), "lr_scale": 1.0}]
+        if self.norms:
+            groups.append({"params": list(self.norms.values()), "lr_scale": cfg.norm_lr_scale})
+        self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=0.0)
         self.step, self.log, self.lr_factor = 0, [], 1.0
         self._set_schedule()
         self.fingerprint = runstate.fingerprint({**self.settings(), **(fingerprint_extra or {}),
@@ -188,7 +214,7 @@ class E2ETrainer:
         from transformers import get_cosine_schedule_with_warmup
 
         for g in self.optimizer.param_groups:
-            g["lr"] = g["initial_lr"] = self.lr * self.lr_factor
+            g["lr"] = g["initial_lr"] = self.lr * self.lr_factor * g["lr_scale"]
         self.schedule = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(self.cfg.warmup * self.cfg.steps),
                                                         self.cfg.steps, last_epoch=self.step - 1)
 
@@ -222,6 +248,8 @@ class E2ETrainer:
             if self.cfg.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_disable"):
                 self.model.gradient_checkpointing_disable()
         freeze_scales(self.model)
+        for p in self.norms.values():
+            p.requires_grad_(False)
         return self.log
 
     def _diverged(self, loss: float) -> None:
@@ -258,16 +286,16 @@ class E2ETrainer:
         if not math.isfinite(mean):
             self.optimizer.zero_grad(set_to_none=True)
             return mean
-        torch.nn.utils.clip_grad_norm_(list(self.scales.values()), self.cfg.clip)
+        torch.nn.utils.clip_grad_norm_(list(self.trained.values()), self.cfg.clip)
         self.optimizer.step()
         self.schedule.step()
         return mean
 
     # ----- snapshots ------------------------------------------------------------------------------
     def _snapshot(self) -> dict:
-        """Scales, AdamW moments and step, on CPU: what a save writes and a divergence restores."""
-        tensors = {f"scale/{k}": v.detach().to("cpu", copy=True) for k, v in self.scales.items()}
-        for name, p in self.scales.items():
+        """Trained tensors, AdamW moments and step, on CPU: what a save writes and a divergence restores."""
+        tensors = {f"param/{k}": v.detach().to("cpu", copy=True) for k, v in self.trained.items()}
+        for name, p in self.trained.items():
             st = self.optimizer.state.get(p)
             if st:
                 tensors[f"exp_avg/{name}"] = st["exp_avg"].to("cpu", copy=True)
@@ -279,8 +307,8 @@ class E2ETrainer:
         tensors = snap["tensors"]
         self.optimizer.state.clear()
         with torch.no_grad():
-            for name, p in self.scales.items():
-                p.copy_(tensors[f"scale/{name}"])
+            for name, p in self.trained.items():
+                p.copy_(tensors[f"param/{name}"])
                 if f"exp_avg/{name}" in tensors:
                     self.optimizer.state[p] = {"step": tensors[f"adam_step/{name}"].reshape(()).clone(),
                                                "exp_avg": tensors[f"exp_avg/{name}"].to(p.device, copy=True),
@@ -308,8 +336,8 @@ class E2ETrainer:
         if not 0 <= progress["step"] <= self.cfg.steps:
             raise ValueError(f"{path} is at step {progress['step']} of {self.cfg.steps}; delete {self.state_dir} to start over")
         tensors = runstate.load_tensors(self.state_dir / "e2e_state.safetensors")
-        missing = [f"scale/{name}" for name, p in self.scales.items()
-                   if f"scale/{name}" not in tensors or tensors[f"scale/{name}"].shape != p.shape]
+        missing = [f"param/{name}" for name, p in self.trained.items()
+                   if f"param/{name}" not in tensors or tensors[f"param/{name}"].shape != p.shape]
         if missing:
             raise ValueError(f"{self.state_dir / 'e2e_state.safetensors'} lacks or misshapes {missing[:3]}; delete "
                              f"{self.state_dir} to start over")

@@ -42,6 +42,23 @@ def test_e2e_trains_only_scales_and_lowers_held_out_loss(tiny_packed_dir):
     assert ppl1 < ppl0, (ppl0, ppl1)
 
 
+def test_e2e_with_norms_trains_the_scales_and_the_norm_weights_only(tiny_packed_dir):
+    model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
+    held_out, train = _windows(tok)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(steps=16, lr=2e-3, loss="ce", norm_lr_scale=5.0),
+                         bf16=False)
+    assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(trainer.optimizer.param_groups[0]["lr"] * 5.0)
+    log = trainer.train(False)
+    after = model.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    norms = {n for n in changed if "norm" in n}
+    assert norms and all(n.endswith("norm.weight") for n in norms)
+    assert changed - norms == {n for n in before if n.endswith(".scales")}
+    assert not any(p.requires_grad for p in model.parameters())  # frozen again after training
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
 def _dense_model_with_leaf_scales(folder):
     """The checkpoint as a dense model computing W_hat = (q - z) * s from leaf scale tensors, so plain
     autograd gives ds: the independent reference for the fused Function's gradients."""
@@ -174,7 +191,7 @@ def _e2e_cmd(src, out, *extra):
 
 
 def test_kill_9_during_e2e_then_rerun_matches(tiny_packed_dir, tmp_path):
-    args = ["--steps", "40", "--grad-accum", "2", "--save-every", "1"]
+    args = ["--steps", "40", "--grad-accum", "2", "--save-every", "1", "--norm-lr-scale", "4"]  # norms resume too
     reference = tmp_path / "uninterrupted"
     subprocess.run([sys.executable, *_e2e_cmd(tiny_packed_dir, reference, *args)], env=ENV, check=True, capture_output=True)
     out = tmp_path / "killed"

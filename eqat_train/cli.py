@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .data import DEFAULT_EVAL_TEXTS
+from . import runstate
+from .configs import RunConfig
+from .data import DEFAULT_EVAL_TEXTS, EVAL_WINDOWS
 
 
 def _add_quantize(sub) -> None:
@@ -99,8 +101,8 @@ def _add_eval(sub) -> None:
                                    "folder, .gguf or Hub id)")
     p.add_argument("--texts", nargs="+", default=list(DEFAULT_EVAL_TEXTS),
                    help="stdlib, fortunes, code, a .txt/.jsonl file or hf:NAME")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--windows", type=int, default=40)
+    p.add_argument("--seq-len", type=int, default=RunConfig.seq_len)
+    p.add_argument("--windows", type=int, default=EVAL_WINDOWS)
 
 
 def _eval(args) -> dict:
@@ -236,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     for add, _ in COMMANDS.values():
         add(sub)
     args = parser.parse_args(argv)
+    runstate.reuse_freed_memory()
     try:
         result = COMMANDS[args.command][1](args)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:

@@ -13,7 +13,7 @@ import dataclasses
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 
-from .data import DEFAULT_EVAL_TEXTS
+from .data import DEFAULT_EVAL_TEXTS, EVAL_WINDOWS
 
 # A non-finite loss restores the last good state and retries once at this fraction of the learning rate
 # (Block-AP per block, E2E-QP from its last save).
@@ -45,13 +45,19 @@ class RunConfig:
     seq_len: int = option(512, "tokens per calibration and evaluation window")
     calib_windows: int = option(64, "calibration windows (64 vs 128: same validation fidelity after E2E-QP, docs/RESULTS.md)")
     val_windows: int = option(4, "held-out windows for the per-block validation loss")
-    eval_windows: int = option(40, "evaluation windows per text")
+    eval_windows: int = option(16, "windows per text in the closing fidelity report, a quick look (`eqat eval` "
+                                   f"measures on {EVAL_WINDOWS}; calibration never takes those)")
     eval_texts: list[str] = option(list(DEFAULT_EVAL_TEXTS),
                                    "texts to report fidelity on (never calibrated on); none: skip evaluation")
     fidelity: bool = option(True, "compare with the fp model at the end (KL, top-1, greedy and chat agreement)")
     bf16: bool = option(True, "train and run block passes under bf16 autocast (fp32 master weights)")
     offload: bool = option(False, "keep cached activations memory-mapped on disk")
     seed: int = option(0, "seed of data sampling, self-generation and training")
+
+    @property
+    def held_out_windows(self) -> int:
+        """Leading windows of a calibration text kept for evaluation: `eqat eval`'s and the report's."""
+        return max(EVAL_WINDOWS, self.eval_windows)
 
     def __post_init__(self):
         if self.calib_windows < 1:

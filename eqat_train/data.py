@@ -157,6 +157,7 @@ def split_windows(windows: torch.Tensor, n_eval: int, n_calib: int, n_val: int =
 
 DEFAULT_CALIBRATION = SELF
 DEFAULT_EVAL_TEXTS = ("stdlib", "fortunes", "code")  # reported genres; "licenses" is for choosing settings
+EVAL_WINDOWS = 40  # windows per text that `eqat eval` measures on; calibration never takes them
 
 
 def calibration_sources(spec: str | None) -> list[str]:

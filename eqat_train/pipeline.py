@@ -56,7 +56,7 @@ def quantize(run: RunConfig | None = None, stage: BlockwiseConfig | None = None,
     _refuse_foreign_output(out, state_dir)
     model, tokenizer, source = models.load_model(run.model)
     warn_overlap(run.text, run.eval_texts)
-    split = data.calibration_split(run.text, model, tokenizer, run.seq_len, run.eval_windows, run.calib_windows,
+    split = data.calibration_split(run.text, model, tokenizer, run.seq_len, run.held_out_windows, run.calib_windows,
                                    run.val_windows, run.seed, progress)
     run_options = {"model": source.describe(), "text": run.text or data.DEFAULT_CALIBRATION, "seq_len": run.seq_len,
                    "calib_windows": run.calib_windows, "val_windows": run.val_windows, "eval_windows": run.eval_windows,
@@ -135,7 +135,7 @@ def e2e(checkpoint: str, run: RunConfig, cfg: E2EConfig | None = None, progress:
     warn_overlap(run.text, eval_texts)
     # the same split as `eqat quantize` with these settings, so a self-generated set it made is reused
     calib = None if cfg.instruct else data.calibration_split(run.text, fp_model, tokenizer, run.seq_len,
-                                                              run.eval_windows, run.calib_windows, run.val_windows,
+                                                              run.held_out_windows, run.calib_windows, run.val_windows,
                                                               run.seed, progress).calib
     source = {"checkpoint": str(checkpoint), "text": run.text or data.DEFAULT_CALIBRATION,
               "calib_windows": run.calib_windows, "seq_len": run.seq_len}

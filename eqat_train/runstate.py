@@ -76,6 +76,27 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def reuse_freed_memory() -> None:
+    """Make glibc keep freed heap memory for the next allocation instead of handing it back to the OS at
+    once: a training step allocates and frees the same tens-of-MB activations every micro-batch, and
+    with glibc's defaults each one came back as fresh pages (~250k page faults, 0.8-2.5 s of kernel time
+    in a 3.5-5 s E2E-QP step on 2 cores). Blocks up to 32 MB (glibc's ceiling for this setting) come from
+    the heap; `release_memory` still returns everything free between stages."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+        libc.mallopt(_M_TOP_PAD, 64 << 20)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def release_memory() -> None:
     """Return freed heap memory to the OS (glibc keeps it otherwise, and peak RSS adds up across stages)."""
     import ctypes

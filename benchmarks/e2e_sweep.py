@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from eqat_train import data, fidelity, models
+from eqat_train import data, fidelity, models, runstate
 from eqat_train.checkpoint import load_quantized, read_quantization_config
 from eqat_train.configs import RunConfig
 from eqat_train.pipeline import load_teacher
@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--texts", nargs="+", default=["licenses"], help="validation texts")
     args = parser.parse_args()
     from pathlib import Path
+
+    runstate.reuse_freed_memory()  # as the eqat CLI does, so the seconds column matches its stage times
 
     q = read_quantization_config(Path(args.checkpoint))
     fp, tok, _ = models.load_model(q["eqat"]["model"])

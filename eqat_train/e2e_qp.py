@@ -31,6 +31,9 @@ LOSSES = ("kl", "ce")
 # The published lr (2e-5 / 1e-5) assumes 128 steps of 32 x 4096 tokens; with tens of steps of 2 x 512 tokens
 # the scales need larger steps. Measured on SmolLM2 (docs/RESULTS.md, "E2E-QP design evidence").
 DEFAULT_LR_SCALE = {2: 20.0, 3: 50.0, 4: 20.0, 8: 20.0}
+# Normalisation weights trained alongside the scales, at this multiple of their lr (0: scales only). At
+# 2 bits x10 lowered KL to the fp model on the validation text (docs/RESULTS.md); other widths unmeasured.
+DEFAULT_NORM_LR_SCALE = {2: 10.0}
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,9 @@ class E2EConfig:
                              "position; ce: next-token cross-entropy on the calibration data", choices=LOSSES)
     instruct: str | None = option(None, "instruction-tuning JSONL ({prompt, response} or {messages}) instead of "
                                         "calibration windows; loss on the responses only")
-    norm_lr_scale: float = option(0.0, "also train the normalisation weights (kept in fp by the format) at this "
-                                       "multiple of the scales' lr; 0: scales only, as published")
+    norm_lr_scale: float | None = option(None, "also train the normalisation weights (kept in fp by the format) at "
+                                              "this multiple of the scales' lr; 0: scales only, as published; default "
+                                              f"per bit-width {DEFAULT_NORM_LR_SCALE}, else 0")
     gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, ~30% slower)")
     save_every: int = option(8, "E2E-QP steps between resumable saves")
 
@@ -59,7 +63,7 @@ class E2EConfig:
             raise ValueError(f"E2E-QP loss must be one of {LOSSES}, got {self.loss!r}")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.save_every < 1:
             raise ValueError("E2E-QP needs steps, batch_size, grad_accum and save_every >= 1")
-        if not (self.norm_lr_scale >= 0 and math.isfinite(self.norm_lr_scale)):
+        if self.norm_lr_scale is not None and not (self.norm_lr_scale >= 0 and math.isfinite(self.norm_lr_scale)):
             raise ValueError(f"E2E-QP norm_lr_scale must be a number >= 0, got {self.norm_lr_scale}")
         for name in ("lr", "lr_scale"):
             value = getattr(self, name)
@@ -71,6 +75,9 @@ class E2EConfig:
             return self.lr
         scale = self.lr_scale if self.lr_scale is not None else DEFAULT_LR_SCALE.get(bits, 50.0)
         return published_lr(bits) * scale
+
+    def norm_learning_rate_scale(self, bits: int | None) -> float:
+        return self.norm_lr_scale if self.norm_lr_scale is not None else DEFAULT_NORM_LR_SCALE.get(bits, 0.0)
 
     def as_dict(self) -> dict:
         return {"stage": "e2e_qp", **asdict(self)}
@@ -162,13 +169,14 @@ class E2ETrainer:
         if len(examples) < self.global_batch:
             raise ValueError(f"E2E-QP global batch is {self.global_batch} examples but only {len(examples)} were given")
         self.scales = trainable_scales(model)
-        self.norms = trainable_norms(model) if cfg.norm_lr_scale > 0 else {}
-        self.trained = {**self.scales, **self.norms}
         self.bits = model_bits(model)
         if self.bits is None and cfg.lr is None:
             raise ValueError("E2E-QP's default learning rate depends on the bit-width and this model mixes several; "
                              "pass lr explicitly")
         self.lr = cfg.learning_rate(self.bits)
+        self.norm_lr_scale = cfg.norm_learning_rate_scale(self.bits)
+        self.norms = trainable_norms(model) if self.norm_lr_scale > 0 else {}
+        self.trained = {**self.scales, **self.norms}
         if cfg.loss == "kl":
             if teacher is None:
                 raise ValueError("E2E-QP's default loss distils from the fp model: pass the teacher model "
@@ -178,7 +186,7 @@ class E2ETrainer:
                 p.requires_grad_(False)
         groups = [{"params": list(self.scales.values()), "lr_scale": 1.0}]
         if self.norms:
-            groups.append({"params": list(self.norms.values()), "lr_scale": cfg.norm_lr_scale})
+            groups.append({"params": list(self.norms.values()), "lr_scale": self.norm_lr_scale})
         self.optimizer = torch.optim.AdamW(groups, lr=self.lr, weight_decay=0.0)
         self.step, self.log, self.lr_factor = 0, [], 1.0
         self._set_schedule()
@@ -192,7 +200,8 @@ class E2ETrainer:
 
     def settings(self) -> dict:
         """The config as this run resolved it (learning rate included), for the fingerprint and the checkpoint."""
-        return {**self.cfg.as_dict(), "lr": self.lr, "bf16": self.bf16, "seed": self.seed}
+        return {**self.cfg.as_dict(), "lr": self.lr, "norm_lr_scale": self.norm_lr_scale, "bf16": self.bf16,
+                "seed": self.seed}
 
     # ----- data order ---------------------------------------------------------------------------
     def global_batch_indices(self, step: int) -> list[int]:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from eqat_kernels import QuantLinear
 from eqat_train import data, evaluate
 from eqat_train.checkpoint import load_quantized
-from eqat_train.e2e_qp import E2EConfig, E2ETrainer, kl_loss_sum, token_loss_sum
+from eqat_train.e2e_qp import DEFAULT_NORM_LR_SCALE, E2EConfig, E2ETrainer, kl_loss_sum, token_loss_sum
 from eqat_train.examples import IGNORE, Examples, collate
 from eqat_train.configs import RunConfig
 from eqat_train.pipeline import e2e
@@ -31,7 +31,8 @@ def test_e2e_trains_only_scales_and_lowers_held_out_loss(tiny_packed_dir):
     held_out, train = _windows(tok)
     before = {n: t.clone() for n, t in model.state_dict().items()}
     ppl0 = evaluate.perplexity(model, held_out, progress=False)
-    log = E2ETrainer(model, Examples.from_windows(train), E2EConfig(steps=24, lr=2e-3, loss="ce"), bf16=False).train(False)
+    log = E2ETrainer(model, Examples.from_windows(train), E2EConfig(steps=24, lr=2e-3, loss="ce", norm_lr_scale=0.0),
+                     bf16=False).train(False)
     ppl1 = evaluate.perplexity(model, held_out, progress=False)
     after = model.state_dict()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -42,13 +43,13 @@ def test_e2e_trains_only_scales_and_lowers_held_out_loss(tiny_packed_dir):
     assert ppl1 < ppl0, (ppl0, ppl1)
 
 
-def test_e2e_with_norms_trains_the_scales_and_the_norm_weights_only(tiny_packed_dir):
-    model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
+def test_e2e_at_2_bits_trains_the_scales_and_the_norm_weights_only(tiny_packed_dir):
+    model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)  # 2-bit: norms train by default
     held_out, train = _windows(tok)
     before = {n: t.clone() for n, t in model.state_dict().items()}
-    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(steps=16, lr=2e-3, loss="ce", norm_lr_scale=5.0),
-                         bf16=False)
-    assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(trainer.optimizer.param_groups[0]["lr"] * 5.0)
+    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(steps=16, lr=2e-3, loss="ce"), bf16=False)
+    assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(trainer.optimizer.param_groups[0]["lr"]
+                                                                    * DEFAULT_NORM_LR_SCALE[2])
     log = trainer.train(False)
     after = model.state_dict()
     changed = {n for n in before if not torch.equal(before[n], after[n])}

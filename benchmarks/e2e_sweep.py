@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--configs", default='[{}]', help="JSON list of E2EConfig overrides")
     parser.add_argument("--text", default="self", help="calibration source (self, a text, or a mixture a+b)")
     parser.add_argument("--calib-windows", type=int, default=128)
-    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--eval-windows", type=int, default=data.EVAL_WINDOWS)
     parser.add_argument("--texts", nargs="+", default=["licenses"], help="validation texts")
     args = parser.parse_args()
     from pathlib import Path

@@ -19,6 +19,8 @@ import torch
 
 from common import machine, write_json
 
+from eqat_train.data import EVAL_WINDOWS
+
 
 def _hf_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's rotary row permutation."""
@@ -67,7 +69,7 @@ def llama_cpp_tok_s(path: Path, prompt: str, tokens: int = 64) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+")
-    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--windows", type=int, default=EVAL_WINDOWS)
     parser.add_argument("--out-dir", default="runs/gguf")
     args = parser.parse_args()
     import transformers

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from common import SETTINGS, write_json
 
+from eqat_train.data import EVAL_WINDOWS
+
 RUNS = Path("runs/quality")
 REPORTED = ["stdlib", "fortunes", "code"]  # `licenses` is the validation text: settings were chosen on it
 NO_EVAL = ["--eval-texts"]  # an empty list: the runs time training only; evaluation is one shared pass
@@ -106,7 +108,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS))
     parser.add_argument("--text", default="self", help="calibration source for every run")
     parser.add_argument("--runs", default=str(RUNS), help="folder for the checkpoints")
-    parser.add_argument("--windows", type=int, default=40, help="evaluation windows per text")
+    parser.add_argument("--windows", type=int, default=EVAL_WINDOWS, help="evaluation windows per text")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="passed on to eqat quantize / e2e")
     args = parser.parse_args()
     RUNS = Path(args.runs)

@@ -80,30 +80,35 @@ def rank_world() -> tuple[int, int]:
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
+def _glibc():
+    """The C library if it is glibc (these allocator calls exist there only), else None."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
 def reuse_freed_memory() -> None:
     """Make glibc keep freed heap memory for the next allocation instead of handing it back to the OS at
     once: a training step allocates and frees the same tens-of-MB activations every micro-batch, and
     with glibc's defaults each one came back as fresh pages (~250k page faults, 0.8-2.5 s of kernel time
     in a 3.5-5 s E2E-QP step on 2 cores). Blocks up to 32 MB (glibc's ceiling for this setting) come from
     the heap; `release_memory` still returns everything free between stages."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
+    libc = _glibc()
+    if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
         libc.mallopt(_M_TOP_PAD, 64 << 20)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def release_memory() -> None:
     """Return freed heap memory to the OS (glibc keeps it otherwise, and peak RSS adds up across stages)."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

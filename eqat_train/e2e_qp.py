@@ -108,14 +108,10 @@ def trainable_norms(model: nn.Module) -> dict[str, nn.Parameter]:
     one rescales the input features of the quantized layers it feeds, a per-channel degree of freedom
     the per-group scales do not have."""
     norms = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear) or isinstance(m, nn.Embedding):
-            continue
-        for pname, p in m.named_parameters(recurse=False):
-            if p.ndim == 1 and pname == "weight" and p.is_floating_point():
-                with torch.no_grad():
-                    p.data = p.data.float()
-                norms[f"{name}.{pname}"] = p.requires_grad_(True)
+    for name, p in model.named_parameters():
+        if p.ndim == 1 and name.rsplit(".", 1)[-1] == "weight" and p.is_floating_point():
+            p.data = p.data.float()
+            norms[name] = p.requires_grad_(True)
     return norms
 
 

@@ -14,7 +14,7 @@ from .data import DEFAULT_EVAL_TEXTS, EVAL_WINDOWS
 
 
 def _add_quantize(sub) -> None:
-    from .configs import RunConfig, add_flags
+    from .configs import add_flags
     from .e2e_qp import E2EConfig
     from .pipeline import METHODS
 
@@ -29,7 +29,7 @@ def _add_quantize(sub) -> None:
 def _quantize(args) -> dict:
     import os
 
-    from .configs import RunConfig, build, given
+    from .configs import build, given
     from .e2e_qp import E2EConfig
     from .pipeline import METHODS, quantize
 
@@ -48,7 +48,7 @@ def _quantize(args) -> dict:
 
 
 def _add_e2e(sub) -> None:
-    from .configs import RunConfig, add_flags
+    from .configs import add_flags
     from .e2e_qp import E2EConfig
 
     p = sub.add_parser("e2e", help="E2E-QP: train the scales of a packed checkpoint (torchrun for several processes)")
@@ -61,7 +61,7 @@ def _add_e2e(sub) -> None:
 
 
 def _e2e(args) -> dict:
-    from .configs import RunConfig, build
+    from .configs import build
     from .e2e_qp import E2EConfig
     from .pipeline import e2e
 

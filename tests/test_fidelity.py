@@ -156,3 +156,16 @@ def test_gumbel_top_k_draws_the_top_k_softmax_at_its_temperature():
     expected[top] = (logits[0, top].double() / 0.7).softmax(-1)
     assert counts[expected == 0].sum() == 0  # never outside the top k
     assert (counts - expected).abs().max() < 0.01  # 40k draws: standard error < 0.0025
+
+
+def test_later_chat_batches_sample_only_the_conversations_still_needed():
+    from eqat_train import selfgen
+
+    cfg = SelfGenConfig(sequences=68, seq_len=512)  # the default run: 34 chat windows
+    need = 34 * 512
+    assert selfgen._chat_rows(cfg, 0, need, 0) == cfg.batch_size  # nothing known yet: a whole batch
+    # the first batch of 64 gave 17,063 tokens (33.3 windows): the last 345 tokens take a few conversations
+    rows = selfgen._chat_rows(cfg, 17_063, need, 64)
+    assert selfgen.CHAT_ROWS_MIN <= rows < 8
+    assert rows * 17_063 / 64 >= need - 17_063  # enough at the mean length
+    assert selfgen._chat_rows(cfg, 1_000, need, 64) == cfg.batch_size  # short conversations: never past a batch

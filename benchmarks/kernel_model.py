@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from eqat_kernels.triton_kernels.configs import DECODE_MAX_M, fit_block_k, k_ranges, select_config, uses_dense
+from eqat_kernels.triton_kernels.configs import decode_max_m, fit_block_k, k_ranges, select_config, uses_dense
 
 RESULTS = Path(__file__).parent / "results" / "kernel_model.json"
 
@@ -115,7 +115,7 @@ def launch_split(report: dict, gpu: GPU, n: int, k: int) -> int:
     """The K split the launcher chooses for `report`'s launch re-gridded to (n, k) on `gpu` (configs.k_ranges)."""
     m, bits, group = report["m"], report["bits"], report["group_size"]
     exact = report["dtype"] == "float32"
-    decode = m <= DECODE_MAX_M
+    decode = m <= decode_max_m(bits, k if group == -1 else group, not exact)
     cfg = select_config("decode" if decode else "gemm", m, n, k, bits, group, exact)
     bk = fit_block_k(cfg.block_k, k if group == -1 else group)
     tiles = math.ceil(n / cfg.block_n) * math.ceil(m / cfg.block_m)

@@ -65,7 +65,7 @@ def test_dx_and_ds_match_autograd_on_the_reference(poisoned_outputs, bits, group
     assert rel_err(ops.grad_scales(x, dy, weight, scales, spec)[0], s.grad) < 1e-5
 
 
-@pytest.mark.parametrize("m", [1, configs.DECODE_MAX_M, configs.DECODE_MAX_M + 1, 64])
+@pytest.mark.parametrize("m", [1, 2, configs.DECODE_MAX_M, configs.DECODE_MAX_M + 1, 64])
 def test_decode_and_gemm_paths_agree_at_the_switch(poisoned_outputs, m):
     spec, qweight, qzeros, scales, weight, x, _ = _setup(4, 128, torch.float16, m, 64, 576)
     ref = reference.forward(x.double(), qweight, qzeros, scales, spec)
@@ -79,10 +79,12 @@ def test_decode_rows_sharing_a_program_match_reference(poisoned_outputs, bits, g
     """M = 2..4: several rows per decode program (M = 3 runs 4-row tiles, one row masked), N off the tile
     width, K = 576 leaving a partial last group."""
     spec, qweight, qzeros, scales, weight, x, _ = _setup(bits, group, dtype, m, 192, 576)
-    assert configs.select_config("decode", m, 192, 576, bits, spec.group).block_m > 1
+    cfg = configs.select_config("decode", m, 192, 576, bits, spec.group)
+    assert cfg.block_m > 1
     bias = torch.randn(192).to(dtype)
     ref = reference.forward(x.double(), qweight, qzeros, scales, spec, bias.double())
-    assert rel_err(ops.forward(x, weight, scales, spec, bias), ref) < TOLERANCE[dtype]
+    assert rel_err(ops.forward(x, weight, scales, spec, bias, config=cfg), ref) < TOLERANCE[dtype]  # the GEMV
+    assert rel_err(ops.forward(x, weight, scales, spec, bias), ref) < TOLERANCE[dtype]  # the launcher's choice
 
 
 @pytest.mark.parametrize("sms", [1, 132])
@@ -177,3 +179,17 @@ def test_strided_bias(poisoned_outputs, m):
     bias = torch.randn(128)[::2]
     ref = reference.forward(x.double(), qweight, qzeros, scales, spec, bias.double())
     assert rel_err(ops.forward(x, weight, scales, spec, bias), ref) < 1e-5
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (4, -1), (2, 64), (2, 128), (2, -1)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fragment_order_gemm_matches_reference(poisoned_outputs, bits, group, dtype):
+    """The mid-M GEMM that multiplies magic-number codes in mma fragment order (y^T = W x^T): odd M and N,
+    K with a partial last group."""
+    m, n, k = 19, 224, 576
+    spec, qweight, qzeros, scales, weight, x, _ = _setup(bits, group, dtype, m, n, k)
+    cfg = configs.select_config("gemm", m, n, k, bits, group)
+    assert configs.uses_fragment_order(bits, cfg.block_m, configs.fit_block_k(cfg.block_k, spec.group), True)
+    bias = torch.randn(n).to(dtype)
+    y = ops.forward(x, weight, scales, spec, bias)
+    assert rel_err(y, reference.forward(x.double(), qweight, qzeros, scales, spec, bias.double())) < TOLERANCE[dtype]

@@ -54,7 +54,7 @@ def test_another_gpus_file_and_foreign_entries_are_refused(table):
     path.write_text(json.dumps(payload))
     with pytest.raises(ValueError, match="not one of this version's candidates"):
         tuning.load_tuned(path, GPU)
-    payload["configs"] = {"gemm|m16|n4096|k4096|b4|g128": configs.candidates("gemm", 16)[0],
+    payload["configs"] = {"gemm|m16|n4096|k4096|b4|g128": configs.candidates("gemm", 16, False, 4)[0],
                           "bogus": {"block_m": 1}}
     path.write_text(json.dumps(payload, default=lambda c: c.__dict__))
     with pytest.raises(ValueError, match="'bogus' is not a tuned kernel config"):

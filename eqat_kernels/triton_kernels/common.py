@@ -163,3 +163,86 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     else:
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
+
+
+# ----- codes as tensor-core A operands: magic-number conversion, K in fragment order ---------------------
+# A 16-bit float whose exponent field says 2^10 (fp16 0x6400) or 2^7 (bf16 0x4300) has a mantissa step of
+# exactly 1, so OR-ing a small integer q into its low mantissa bits gives the float 1024 + q (128 + q) with no
+# conversion instruction; one 32-bit LOP3 does two codes, (word >> b*p) & mask | magic, into the two halves
+# of a register: codes p and p + 16/b of the word. Those halves are adjacent K positions of an mma A-operand
+# fragment only if K is taken in "fragment order" (weights and activations alike; a dot product does not
+# care about the order of K): within each K tile, thread t = lane % 4 of an mma row holds K pairs
+# (2t, 2t+1) and (2t+8, 2t+9) of every 16, and each of its words supplies exactly those.
+
+
+@triton.jit
+def magic_value(DT: tl.constexpr):
+    """1024.0 (fp16) or 128.0 (bf16): the float whose low mantissa bits take a code as an integer."""
+    if DT.is_bf16():
+        return 128.0
+    return 1024.0
+
+
+@triton.jit
+def _code_pair(words, p: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """(magic + code p, magic + code p + 16/BITS) in `DT` for every word, as a trailing pair axis: one LOP3
+    per pair, the halves bitcast in place (INTERPRETED_BF16: in fp32, see `magic_codes`)."""
+    if DT.is_bf16():
+        MAGIC: tl.constexpr = 0x43004300
+    else:
+        MAGIC: tl.constexpr = 0x64006400
+    MASK: tl.constexpr = ((1 << BITS) - 1) * 0x00010001
+    m = ((words >> (BITS * p)) & MASK) | MAGIC
+    if INTERPRETED_BF16:
+        lo = ((m & 0xFFFF) << 16).to(tl.float32, bitcast=True)  # bf16 is fp32's upper half
+        hi = ((m >> 16) << 16).to(tl.float32, bitcast=True)
+    else:
+        lo = (m & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
+        hi = (m >> 16).to(tl.uint16).to(DT, bitcast=True)
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def magic_codes(qw_ptr, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
+                INTERPRETED_BF16: tl.constexpr):
+    """[BN, BLOCK_K] `magic_value(DT) + code` for features k0..k0+BLOCK_K of a 2- or 4-bit plane, K in fragment
+    order (`fragment_order`). BLOCK_K must hold a multiple of 4 words per column. INTERPRETED_BF16: Triton
+    3.9's CPU interpreter bitcasts uint16 to bf16 wrongly (denormals) and computes bf16 arithmetic wrongly,
+    so there the same values come back in fp32 (exact: small integers)."""
+    PER: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER
+    BN: tl.constexpr = offs_n.shape[0]
+    rows = k0 // PER + tl.arange(0, WORDS)
+    words = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None],
+                    mask=(rows[None, :] < K // PER) & (offs_n[:, None] < N), other=0).to(tl.uint32, bitcast=True)
+    # pairs p = 0 .. PER/2 - 1 joined along new trailing axes, lowest bit of p innermost: [BN, W, h, p0, p1(, p2)]
+    j0 = tl.join(_code_pair(words, 0, BITS, DT, INTERPRETED_BF16), _code_pair(words, 1, BITS, DT, INTERPRETED_BF16))
+    j1 = tl.join(_code_pair(words, 2, BITS, DT, INTERPRETED_BF16), _code_pair(words, 3, BITS, DT, INTERPRETED_BF16))
+    if BITS == 4:
+        v = tl.join(j0, j1)  # [BN, W, h, p0, p1]: code p + 4h, p = p0 + 2 p1
+        v = tl.reshape(v, (BN, 4, WORDS // 4, 2, 2, 2))  # word = t * W/4 + u
+        v = tl.permute(v, (0, 2, 5, 4, 1, 3))  # [BN, u, p1, p0, t, h]
+    else:
+        j2 = tl.join(_code_pair(words, 4, BITS, DT, INTERPRETED_BF16), _code_pair(words, 5, BITS, DT, INTERPRETED_BF16))
+        j3 = tl.join(_code_pair(words, 6, BITS, DT, INTERPRETED_BF16), _code_pair(words, 7, BITS, DT, INTERPRETED_BF16))
+        v = tl.join(tl.join(j0, j1), tl.join(j2, j3))  # [BN, W, h, p0, p1, p2]: code p + 8h
+        v = tl.reshape(v, (BN, 4, WORDS // 4, 2, 2, 2, 2))
+        v = tl.permute(v, (0, 2, 6, 5, 4, 1, 3))  # [BN, u, p2, p1, p0, t, h]
+    return tl.reshape(v, (BN, BLOCK_K))
+
+
+@triton.jit
+def fragment_order(xt, BITS: tl.constexpr):
+    """The rows (K) of an activation tile [BLOCK_K, BM] in the order `magic_codes` gives the codes: code
+    index within a tile k = PER * (t * W/4 + u) + p + (PER/2) h, fragment position ((u, p, t), h)."""
+    BK: tl.constexpr = xt.shape[0]
+    BM: tl.constexpr = xt.shape[1]
+    PER: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BK // PER
+    if BITS == 4:
+        v = tl.reshape(xt, (4, WORDS // 4, 2, 2, 2, BM))  # t, u, h, p1, p0
+        v = tl.permute(v, (1, 3, 4, 0, 2, 5))  # u, p1, p0, t, h
+    else:
+        v = tl.reshape(xt, (4, WORDS // 4, 2, 2, 2, 2, BM))  # t, u, h, p2, p1, p0
+        v = tl.permute(v, (1, 3, 4, 5, 0, 2, 6))  # u, p2, p1, p0, t, h
+    return tl.reshape(v, (BK, BM))

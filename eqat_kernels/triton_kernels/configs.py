@@ -48,6 +48,14 @@ def k_ranges(k: int, block_k: int, tiles: int, sms: int, config: "KernelConfig")
     return -(-k // k_per_split), k_per_split
 
 
+def uses_fragment_order(bits: int, block_m: int, block_k: int, dtype_is_half: bool) -> bool:
+    """Whether the GEMM runs as y^T = W_hat x^T with magic-number codes in mma fragment order
+    (`kernels.gemm_fwd_kernel` FRAGMENT): 2/4-bit codes (3-bit codes come from two planes), fp16/bf16
+    activations, the mid-M tiles (block_m <= 32: sm_90a w4g128 14.0 -> 5.7 main-loop instructions per weight
+    byte, PREDICTED from the SASS, docs/RESULTS.md) and K tiles of whole groups of 4 words per column."""
+    return bits in (2, 4) and dtype_is_half and block_m <= 32 and block_k % (4 * 32 // bits) == 0
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     block_m: int
@@ -100,6 +108,11 @@ EXACT_CANDIDATES: dict[str, list[tuple[int | None, list[KernelConfig]]]] = {
 # (kernel, bits) whose code differs enough to want other tiles. 3-bit decode combines two planes per code
 # (kernels.decode_splitk_kernel): 256x64 tiles of 2 warps spill on sm_80, 128x128 of 4 warps do not.
 BITS_CANDIDATES: dict[tuple[str, int], list[tuple[int | None, list[KernelConfig]]]] = {
+    # 4-bit mid-M tiles in fragment order are memory-bound: half the K split (fewer fp32 partials to write and
+    # re-read) is predicted faster on every shape (H100 M = 16: 1.96/2.61/3.45x -> 2.11/2.82/3.64x fp16 cuBLAS);
+    # at 2 bits it loses on the larger layers, so 2 bits keep the default
+    ("gemm", 4): [(32, [KernelConfig(16, 128, 128, 4, 3, sm_warps=4)] + CANDIDATES["gemm"][0][1][1:])]
+                 + CANDIDATES["gemm"][1:],
     ("decode", 3): [(1, [KernelConfig(1, 128, 128), KernelConfig(1, 64, 128)]),
                     (2, [KernelConfig(2, 128, 64, 2, sm_warps=4)]),
                     (None, [KernelConfig(4, 128, 64, 4)])],
@@ -149,6 +162,16 @@ def fit_block_k(block_k: int, group: int) -> int:
     if group % block_k:
         raise ValueError(f"group size {group} has no block size >= 16 dividing it")
     return block_k
+
+
+def decode_max_m(bits: int, group: int, dtype_is_half: bool) -> int:
+    """Rows up to which forward runs the split-K GEMV (`decode_splitk_kernel`), the GEMM above; `group` as
+    resolved (K for -1). Where the mid-M GEMM runs in fragment order (`uses_fragment_order`) it is PREDICTED
+    faster from M = 2 on every modelled shape (H100 w4g128 M = 4: 1.5-1.8x -> 2.4-3.7x fp16 cuBLAS; w2g64
+    M = 1 stays faster as GEMV), so the GEMV keeps M = 1 only; elsewhere up to `DECODE_MAX_M`."""
+    gemm = candidates("gemm", 16, not dtype_is_half, bits)[0]
+    fragment = uses_fragment_order(bits, gemm.block_m, fit_block_k(gemm.block_k, group), dtype_is_half)
+    return 1 if fragment else DECODE_MAX_M
 
 
 def select_config(kernel: str, m: int, n: int, k: int, bits: int, group: int, exact: bool = False) -> KernelConfig:

@@ -7,7 +7,8 @@ tile reads its scales and zero points once; the partial last group is masked, ne
 import triton
 import triton.language as tl
 
-from .common import dequant_tile, load_code_tile, load_zeros, mma, plane_dot
+from .common import (dequant_tile, fragment_order, load_code_tile, load_zeros, magic_codes, magic_value, mma,
+                     plane_dot)
 
 
 @triton.jit
@@ -48,11 +49,16 @@ def gemm_fwd_kernel(
     x_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K, stride_xm, stride_ym,
     K_PER_SPLIT, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FRAGMENT: tl.constexpr,
 ):
     """y[M, N] = x[M, K] @ W_hat^T (+ bias), tiled tl.dot with W dequantized in registers.
 
     Program (tile, s) sums K range s; several ranges (few tiles: M = 5..128 on narrow layers) are added in
-    order by the tile's last program (`finish_split`), in the same launch.
+    order by the tile's last program (`finish_split`), in the same launch. FRAGMENT (2/4-bit codes, fp16/bf16,
+    `configs.uses_fragment_order`): the transposed product y^T = W_hat x^T, so the weight tile is the mma's
+    A operand and stays in registers (on sm_90 wgmma takes A from registers, B from shared memory); its codes
+    become floats by the magic number (`common.magic_codes`), K in fragment order on both sides, and the
+    scale multiplies each tile's fp32 product (one FMA per output, not one multiply per weight).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -69,14 +75,34 @@ def gemm_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     # the tile's first row as one int64 scalar (M x K and M x N can pass 2^31), rows inside it in int32
     x_tile = x_ptr + (pid_m * BLOCK_M).to(tl.int64) * stride_xm
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
-    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
-        k = k0 + offs_k
-        x = tl.load(x_tile + rm[:, None] * stride_xm + k[None, :],
-                    mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
-        w = dequant_tile(qw_ptr, qh_ptr, qz_ptr, s_ptr, k0, offs_n, k0 // GROUP, K, N, BITS, BLOCK_K, False)
-        acc = mma(x, w.to(x.dtype), acc, DOT_PRECISION, UPCAST)
+    if FRAGMENT:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
+            k = k0 + offs_k
+            xt = tl.load(x_tile + rm[None, :] * stride_xm + k[:, None],
+                         mask=(offs_m[None, :] < M) & (k[:, None] < K), other=0.0)
+            xt = fragment_order(xt, BITS)
+            gi = k0 // GROUP
+            # q - z, exact in fp16/bf16; masked words read as code 0, their activations are masked to 0
+            z = load_zeros(qz_ptr, gi, offs_n, N, BITS)
+            w = magic_codes(qw_ptr, k0, offs_n, K, N, BITS, BLOCK_K, xt.dtype, UPCAST)
+            if UPCAST:  # the interpreter's codes come in fp32 (its bf16 conversions are wrong); exact
+                w = w - (z.to(tl.float32) + magic_value(xt.dtype))[:, None]
+            else:  # broadcast, then add: (z + magic)[:, None] made the compiler swap every pair's halves twice
+                w = w - (z.to(xt.dtype)[:, None] + tl.full((1, 1), magic_value(xt.dtype), xt.dtype))
+            s = tl.load(s_ptr + gi * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            part = mma(w, xt, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_PRECISION, UPCAST)
+            acc_t += s[:, None] * part
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
+            k = k0 + offs_k
+            x = tl.load(x_tile + rm[:, None] * stride_xm + k[None, :],
+                        mask=(offs_m[:, None] < M) & (k[None, :] < K), other=0.0)
+            w = dequant_tile(qw_ptr, qh_ptr, qz_ptr, s_ptr, k0, offs_n, k0 // GROUP, K, N, BITS, BLOCK_K, False)
+            acc = mma(x, w.to(x.dtype), acc, DOT_PRECISION, UPCAST)
     finish_split(acc, pid_m * BLOCK_M, rm, M - pid_m * BLOCK_M, offs_n, offs_n < N, pid, M, N, b_ptr, y_ptr,
                  stride_ym, ws_ptr, tickets_ptr, HAS_BIAS)
 

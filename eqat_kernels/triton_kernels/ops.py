@@ -11,7 +11,8 @@ import triton
 from ..packing import split_3bit_planes
 from ..spec import QuantSpec
 from . import kernels
-from .configs import DECODE_MAX_M, KernelConfig, fit_block_k, k_ranges, select_config, uses_dense
+from .configs import (KernelConfig, decode_max_m, fit_block_k, k_ranges, select_config, uses_dense,
+                      uses_fragment_order)
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SM_COUNT_FALLBACK = 132  # off a GPU (the interpreter, AOT builds): an H100's
@@ -141,7 +142,7 @@ def _tickets(device: torch.device, count: int) -> torch.Tensor:
 
 
 def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config: KernelConfig | None = None):
-    """`y = x @ W_hat^T (+ bias)`: split-K GEMV for M <= `DECODE_MAX_M` (several rows per program), tiled
+    """`y = x @ W_hat^T (+ bias)`: split-K GEMV for M <= `configs.decode_max_m` (several rows per program), tiled
     GEMM (split along K when its tiles are too few to fill the GPU) above, dequantize + cuBLAS from
     `configs.DENSE_MIN_M` rows in fp16/bf16 where that is predicted faster."""
     x2 = check_activation(x, spec, spec.in_features, "x")
@@ -156,7 +157,8 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     bias = bias.contiguous() if bias is not None else None  # the kernels index it as a flat vector
-    if m <= DECODE_MAX_M:
+    # a given config names its kernel by its tile: fewer than 16 rows (below an mma tile) is the GEMV
+    if (config.block_m < 16) if config is not None else m <= decode_max_m(spec.bits, spec.group, x.dtype != torch.float32):
         cfg = config or _select(x.device, "decode", m, n, k, spec.bits, spec.group)
         bk = fit_block_k(cfg.block_k, spec.group)
         n_tiles, m_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m)
@@ -178,7 +180,8 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
             x2, *weight, scales, y if bias is None else bias, y, ws, _tickets(x.device, tiles), m, n, k,
             x2.stride(0), y.stride(0), k_per_split, GROUP=spec.group, BITS=spec.bits, HAS_BIAS=bias is not None,
             **_dot_args(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
-            GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            GROUP_M=cfg.group_m, FRAGMENT=uses_fragment_order(spec.bits, cfg.block_m, bk, x.dtype != torch.float32),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return y.reshape(*x.shape[:-1], n)
 

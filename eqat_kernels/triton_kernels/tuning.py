@@ -20,7 +20,7 @@ import triton.testing
 from .. import paths
 from ..spec import QuantSpec
 from . import ops
-from .configs import (DECODE_MAX_M, TUNE_M, KernelConfig, bucket_key, candidates, forget_tuned, parse_bucket_key,
+from .configs import (TUNE_M, KernelConfig, bucket_key, candidates, decode_max_m, forget_tuned, parse_bucket_key,
                       record_tuned, tuned, uses_dense)
 
 TUNED_FORMAT = "eqat-tuned-configs"
@@ -39,7 +39,8 @@ def warmup(weight: ops.KernelWeight, scales: torch.Tensor, spec: QuantSpec, m_va
         cc, half = ops.target_capability(scales.device), dtype != torch.float32
         # forward, dx and ds run none of the tuned tiles where they take their dense paths
         jobs = [] if uses_dense("forward", m, cc, half) else [
-            ("decode" if m <= DECODE_MAX_M else "gemm", lambda c: ops.forward(x, weight, scales, spec, config=c))]
+            ("decode" if m <= decode_max_m(spec.bits, spec.group, half) else "gemm",
+             lambda c: ops.forward(x, weight, scales, spec, config=c))]
         if backward:
             if not uses_dense("grad_input", m, cc, half):
                 jobs += [("grad_input", lambda c: ops.grad_input(dy, weight, scales, spec, config=c))]

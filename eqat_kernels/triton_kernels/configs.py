@@ -51,7 +51,7 @@ def k_ranges(k: int, block_k: int, tiles: int, sms: int, config: "KernelConfig")
 def uses_fragment_order(bits: int, block_m: int, block_k: int, dtype_is_half: bool) -> bool:
     """Whether the GEMM runs as y^T = W_hat x^T with magic-number codes in mma fragment order
     (`kernels.gemm_fwd_kernel` FRAGMENT): 2/4-bit codes (3-bit codes come from two planes), fp16/bf16
-    activations, the mid-M tiles (block_m <= 32: sm_90a w4g128 14.0 -> 5.7 main-loop instructions per weight
+    activations, the mid-M tiles (block_m <= 32: sm_90a w4g128 14.0 -> 5.9 main-loop instructions per weight
     byte, PREDICTED from the SASS, docs/RESULTS.md) and K tiles of whole groups of 4 words per column."""
     return bits in (2, 4) and dtype_is_half and block_m <= 32 and block_k % (4 * 32 // bits) == 0
 

@@ -10,8 +10,9 @@ import re
 from dataclasses import dataclass
 
 # at or below this many rows the split-K GEMV (block_m rows per program) beats tensor-core tiles padded to 16
-# rows; PREDICTED on H100/A100 (benchmarks/kernel_model.py): M = 4 about even, M = 8 decode 0.7-1.1x fp16
-# cuBLAS vs the padded GEMM's 0.9-2.0x
+# rows where the GEMM dequantizes into shared memory (3 bits, fp32 activations); PREDICTED on H100/A100
+# (benchmarks/kernel_model.py): M = 4 about even, M = 8 decode 0.7-1.1x fp16 cuBLAS vs the padded GEMM's
+# 0.9-2.0x. The fragment-order GEMM wins from M = 2 (`decode_max_m`).
 DECODE_MAX_M = 4
 # fp16/bf16 forward and dx from this many rows dequantize the weight once (one pass over N x K) and let
 # cuBLAS multiply; None: never. Per (op, architecture), from the crossover that benchmarks/kernel_model.py

@@ -59,7 +59,10 @@ def quantize(run: RunConfig | None = None, stage: BlockwiseConfig | None = None,
     split = data.calibration_split(run.text, model, tokenizer, run.seq_len, run.held_out_windows, run.calib_windows,
                                    run.val_windows, run.seed, progress)
     run_options = {"model": source.describe(), "text": run.text or data.DEFAULT_CALIBRATION, "seq_len": run.seq_len,
-                   "calib_windows": run.calib_windows, "val_windows": run.val_windows, "eval_windows": run.eval_windows,
+                   "calib_windows": run.calib_windows, "val_windows": run.val_windows,
+                   # what the calibration split depends on, not the closing report's count: a rerun with another
+                   # --eval-windows resumes instead of refusing the saved blocks
+                   "held_out_windows": run.held_out_windows,
                    "seed": run.seed, "bf16": run.bf16}
     blockwise = BlockwiseRun(model, stage, run_options, state_dir=state_dir, offload=run.offload,
                              bf16_passes=run.bf16, seed=run.seed)

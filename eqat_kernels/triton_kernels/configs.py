@@ -6,6 +6,7 @@ so nothing is ever re-tuned inside a training step.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -165,6 +166,7 @@ def fit_block_k(block_k: int, group: int) -> int:
     return block_k
 
 
+@functools.cache  # asked on every forward call; depends only on the curated candidates
 def decode_max_m(bits: int, group: int, dtype_is_half: bool) -> int:
     """Rows up to which forward runs the split-K GEMV (`decode_splitk_kernel`), the GEMM above; `group` as
     resolved (K for -1). Where the mid-M GEMM runs in fragment order (`uses_fragment_order`) it is PREDICTED

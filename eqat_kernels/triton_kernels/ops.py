@@ -157,8 +157,11 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     bias = bias.contiguous() if bias is not None else None  # the kernels index it as a flat vector
-    # a given config names its kernel by its tile: fewer than 16 rows (below an mma tile) is the GEMV
-    if (config.block_m < 16) if config is not None else m <= decode_max_m(spec.bits, spec.group, x.dtype != torch.float32):
+    if config is not None:
+        gemv = config.block_m < 16  # a given config names its kernel by its tile: below an mma tile is the GEMV
+    else:
+        gemv = m <= decode_max_m(spec.bits, spec.group, x.dtype != torch.float32)
+    if gemv:
         cfg = config or _select(x.device, "decode", m, n, k, spec.bits, spec.group)
         bk = fit_block_k(cfg.block_k, spec.group)
         n_tiles, m_tiles = triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m)

@@ -75,30 +75,34 @@ def unpack_qzeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.T
 
 
 def split_3bit_planes(qweight: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ 3-bit words -> (low 2 bits packed as int2 `[K/16, N]`, high bit packed as int1 `[K/32, N]`).
+    """GPTQ 3-bit words -> (low 2 bits packed as int2 `[K/16, N]` int32, high bit `[K/16, N]` int16).
 
     3-bit codes straddle words, which forces per-element gathers in a kernel; two planes of
     power-of-two width unpack with plain shifts. Exact, and `merge_3bit_planes` inverts it.
+    The high plane holds 16 codes per 16-bit element (code 16w + j at bit j of element w): the same rows
+    as the low plane, so a kernel reads a low word and its high bits with one index (the fragment-order
+    GEMM's layout propagation keeps both in registers only then).
     """
     codes = unpack_qweight(qweight, 3, in_features)
-    return _pack_plane(codes & 3, 2), _pack_plane(codes >> 2, 1)
+    high = _pack_plane(codes >> 2, 1, per_word=16)
+    return _pack_plane(codes & 3, 2), torch.where(high >= 1 << 15, high - (1 << 16), high).to(torch.int16)
 
 
 def merge_3bit_planes(low: torch.Tensor, high: torch.Tensor, in_features: int) -> torch.Tensor:
-    codes = _unpack_plane(low, 2, in_features) | (_unpack_plane(high, 1, in_features) << 2)
+    codes = _unpack_plane(low, 2, in_features) | (_unpack_plane(high.to(torch.int32) & 0xFFFF, 1, in_features, 16) << 2)
     return pack_qweight(codes, 3)
 
 
-def _pack_plane(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    per_word = 32 // bits
+def _pack_plane(codes: torch.Tensor, bits: int, per_word: int | None = None) -> torch.Tensor:
+    per_word = per_word or 32 // bits
     c = codes.to(torch.int64).reshape(codes.shape[0] // per_word, per_word, codes.shape[1])
     shifts = (torch.arange(per_word, device=codes.device) * bits).view(1, -1, 1)
     words = (c << shifts).sum(1)
     return torch.where(words >= (1 << 31), words - _WORD, words).to(torch.int32)
 
 
-def _unpack_plane(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    per_word = 32 // bits
+def _unpack_plane(words: torch.Tensor, bits: int, rows: int, per_word: int | None = None) -> torch.Tensor:
+    per_word = per_word or 32 // bits
     shifts = (torch.arange(per_word, device=words.device) * bits).view(1, -1, 1)
     c = ((words.to(torch.int64) & (_WORD - 1)).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return c.reshape(rows, words.shape[1]).to(torch.int32)

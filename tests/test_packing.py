@@ -48,7 +48,7 @@ def test_3bit_planes_are_exact_both_ways():
     codes = torch.randint(0, 8, (160, 96), dtype=torch.int32)
     qweight = packing.pack_qweight(codes, 3)
     low, high = packing.split_3bit_planes(qweight, 160)
-    assert low.shape == (10, 96) and high.shape == (5, 96)
+    assert low.shape == (10, 96) and high.shape == (10, 96) and high.dtype == torch.int16
     assert torch.equal(packing.merge_3bit_planes(low, high, 160), qweight)
 
 

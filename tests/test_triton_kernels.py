@@ -181,7 +181,8 @@ def test_strided_bias(poisoned_outputs, m):
     assert rel_err(ops.forward(x, weight, scales, spec, bias), ref) < 1e-5
 
 
-@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (4, -1), (2, 64), (2, 128), (2, -1)])
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (4, -1), (2, 64), (2, 128), (2, -1), (3, 128), (3, 64),
+                                        (3, -1)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fragment_order_gemm_matches_reference(poisoned_outputs, bits, group, dtype):
     """The mid-M GEMM that multiplies magic-number codes in mma fragment order (y^T = W x^T): odd M and N,
@@ -189,7 +190,7 @@ def test_fragment_order_gemm_matches_reference(poisoned_outputs, bits, group, dt
     m, n, k = 19, 224, 576
     spec, qweight, qzeros, scales, weight, x, _ = _setup(bits, group, dtype, m, n, k)
     cfg = configs.select_config("gemm", m, n, k, bits, group)
-    assert configs.uses_fragment_order(bits, cfg.block_m, configs.fit_block_k(cfg.block_k, spec.group), True)
+    assert configs.uses_fragment_order(bits, cfg.block_m, cfg.block_k, spec.group, True)
     bias = torch.randn(n).to(dtype)
     y = ops.forward(x, weight, scales, spec, bias)
     assert rel_err(y, reference.forward(x.double(), qweight, qzeros, scales, spec, bias.double())) < TOLERANCE[dtype]

@@ -20,23 +20,28 @@ def unpack_bits(lo, hi, shift, BITS: tl.constexpr):
 
 @triton.jit
 def _unpack_words(qw_ptr, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, TRANS: tl.constexpr):
-    """Codes for features k0..k0+BLOCK_K of a plane whose codes never straddle words (1/2/4/8 bits).
+    """Codes for features k0..k0+BLOCK_K of a plane whose codes never straddle words: 2/4/8 bits in int32
+    words, or (BITS = 1) the 3-bit high plane's 16 codes per int16 (`packing.split_3bit_planes`).
 
     Each packed word is loaded once ([BLOCK_K*BITS/32, BN], no duplicate addresses) and expanded with
     shifts in registers. TRANS gives the tile as [BN, BLOCK_K] instead of [BLOCK_K, BN].
     """
-    PER: tl.constexpr = 32 // BITS
+    PER: tl.constexpr = 16 if BITS == 1 else 32 // BITS
     WORDS: tl.constexpr = BLOCK_K // PER
     rows = k0 // PER + tl.arange(0, WORDS)
     shifts = tl.arange(0, PER) * BITS
     if TRANS:
         words = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None],
                         mask=(rows[None, :] < K // PER) & (offs_n[:, None] < N), other=0)
+        if BITS == 1:
+            words = words.to(tl.uint16, bitcast=True).to(tl.int32)
         q = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
         q = tl.reshape(q, (offs_n.shape[0], BLOCK_K))
     else:
         words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
                         mask=(rows[:, None] < K // PER) & (offs_n[None, :] < N), other=0)
+        if BITS == 1:
+            words = words.to(tl.uint16, bitcast=True).to(tl.int32)
         q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
         q = tl.reshape(q, (BLOCK_K, offs_n.shape[0]))
     return q
@@ -184,15 +189,23 @@ def magic_value(DT: tl.constexpr):
 
 
 @triton.jit
-def _code_pair(words, p: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
-    """(magic + code p, magic + code p + 16/BITS) in `DT` for every word, as a trailing pair axis: one LOP3
-    per pair, the halves bitcast in place (INTERPRETED_BF16: in fp32, see `magic_codes`)."""
+def _code_pair(words, high, p: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """(magic + code p, magic + code p + 16/B) in `DT` for every word, as a trailing pair axis (B: the plane's
+    bits, 2 for 3-bit codes): one LOP3 per pair, the halves bitcast in place (INTERPRETED_BF16: in fp32, see
+    `magic_codes`). 3 bits: the high bits (`high`, pair p at bits p and p + 16) are OR-ed in at bit 2."""
     if DT.is_bf16():
         MAGIC: tl.constexpr = 0x43004300
     else:
         MAGIC: tl.constexpr = 0x64006400
-    MASK: tl.constexpr = ((1 << BITS) - 1) * 0x00010001
-    m = ((words >> (BITS * p)) & MASK) | MAGIC
+    if BITS == 3:
+        m = ((words >> (2 * p)) & 0x00030003) | MAGIC  # `high`: the pair's high bits at p and p + 16
+        if p >= 2:
+            m = m | ((high >> (p - 2)) & 0x00040004)
+        else:
+            m = m | ((high << (2 - p)) & 0x00040004)
+    else:
+        MASK: tl.constexpr = ((1 << BITS) - 1) * 0x00010001
+        m = ((words >> (BITS * p)) & MASK) | MAGIC
     if INTERPRETED_BF16:
         lo = ((m & 0xFFFF) << 16).to(tl.float32, bitcast=True)  # bf16 is fp32's upper half
         hi = ((m >> 16) << 16).to(tl.float32, bitcast=True)
@@ -203,28 +216,42 @@ def _code_pair(words, p: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, INT
 
 
 @triton.jit
-def magic_codes(qw_ptr, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
+def magic_codes(qw_ptr, qh_ptr, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
                 INTERPRETED_BF16: tl.constexpr):
-    """[BN, BLOCK_K] `magic_value(DT) + code` for features k0..k0+BLOCK_K of a 2- or 4-bit plane, K in fragment
-    order (`fragment_order`). BLOCK_K must hold a multiple of 4 words per column. INTERPRETED_BF16: Triton
-    3.9's CPU interpreter bitcasts uint16 to bf16 wrongly (denormals) and computes bf16 arithmetic wrongly,
-    so there the same values come back in fp32 (exact: small integers)."""
-    PER: tl.constexpr = 32 // BITS
+    """[BN, BLOCK_K] `magic_value(DT) + code` for features k0..k0+BLOCK_K of 2-, 3- or 4-bit codes, K in fragment
+    order (`fragment_order`; 3-bit codes in the 2-bit plane's). BLOCK_K must hold a multiple of 4 words per column
+    (of the low plane at 3 bits). INTERPRETED_BF16: Triton 3.9's CPU interpreter bitcasts uint16 to bf16 wrongly
+    (denormals) and computes bf16 arithmetic wrongly, so there the same values come back in fp32 (exact: small
+    integers). 3 bits: each low-plane word's 16 high bits are the int16 at the same index of the high plane,
+    spread once per word so that pair p's sit at bits p and p + 16."""
+    PB: tl.constexpr = 2 if BITS == 3 else BITS
+    PER: tl.constexpr = 32 // PB
     WORDS: tl.constexpr = BLOCK_K // PER
     BN: tl.constexpr = offs_n.shape[0]
     rows = k0 // PER + tl.arange(0, WORDS)
     words = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None],
                     mask=(rows[None, :] < K // PER) & (offs_n[:, None] < N), other=0).to(tl.uint32, bitcast=True)
+    if BITS == 3:
+        high = tl.load(qh_ptr + rows[None, :] * N + offs_n[:, None],
+                       mask=(rows[None, :] < K // PER) & (offs_n[:, None] < N), other=0)
+        high = high.to(tl.uint16, bitcast=True).to(tl.uint32)
+        high = high | (high << 8)  # code p + 8h's high bit: bit p + 8h -> also p + 16h (bits 8-15: never read)
+    else:
+        high = words
     # pairs p = 0 .. PER/2 - 1 joined along new trailing axes, lowest bit of p innermost: [BN, W, h, p0, p1(, p2)]
-    j0 = tl.join(_code_pair(words, 0, BITS, DT, INTERPRETED_BF16), _code_pair(words, 1, BITS, DT, INTERPRETED_BF16))
-    j1 = tl.join(_code_pair(words, 2, BITS, DT, INTERPRETED_BF16), _code_pair(words, 3, BITS, DT, INTERPRETED_BF16))
-    if BITS == 4:
+    j0 = tl.join(_code_pair(words, high, 0, BITS, DT, INTERPRETED_BF16),
+                 _code_pair(words, high, 1, BITS, DT, INTERPRETED_BF16))
+    j1 = tl.join(_code_pair(words, high, 2, BITS, DT, INTERPRETED_BF16),
+                 _code_pair(words, high, 3, BITS, DT, INTERPRETED_BF16))
+    if PB == 4:
         v = tl.join(j0, j1)  # [BN, W, h, p0, p1]: code p + 4h, p = p0 + 2 p1
         v = tl.reshape(v, (BN, 4, WORDS // 4, 2, 2, 2))  # word = t * W/4 + u
         v = tl.permute(v, (0, 2, 5, 4, 1, 3))  # [BN, u, p1, p0, t, h]
     else:
-        j2 = tl.join(_code_pair(words, 4, BITS, DT, INTERPRETED_BF16), _code_pair(words, 5, BITS, DT, INTERPRETED_BF16))
-        j3 = tl.join(_code_pair(words, 6, BITS, DT, INTERPRETED_BF16), _code_pair(words, 7, BITS, DT, INTERPRETED_BF16))
+        j2 = tl.join(_code_pair(words, high, 4, BITS, DT, INTERPRETED_BF16),
+                     _code_pair(words, high, 5, BITS, DT, INTERPRETED_BF16))
+        j3 = tl.join(_code_pair(words, high, 6, BITS, DT, INTERPRETED_BF16),
+                     _code_pair(words, high, 7, BITS, DT, INTERPRETED_BF16))
         v = tl.join(tl.join(j0, j1), tl.join(j2, j3))  # [BN, W, h, p0, p1, p2]: code p + 8h
         v = tl.reshape(v, (BN, 4, WORDS // 4, 2, 2, 2, 2))
         v = tl.permute(v, (0, 2, 6, 5, 4, 1, 3))  # [BN, u, p2, p1, p0, t, h]
@@ -237,9 +264,9 @@ def fragment_order(xt, BITS: tl.constexpr):
     index within a tile k = PER * (t * W/4 + u) + p + (PER/2) h, fragment position ((u, p, t), h)."""
     BK: tl.constexpr = xt.shape[0]
     BM: tl.constexpr = xt.shape[1]
-    PER: tl.constexpr = 32 // BITS
+    PER: tl.constexpr = 32 // (2 if BITS == 3 else BITS)  # 3-bit codes come in the 2-bit plane's order
     WORDS: tl.constexpr = BK // PER
-    if BITS == 4:
+    if PER == 8:
         v = tl.reshape(xt, (4, WORDS // 4, 2, 2, 2, BM))  # t, u, h, p1, p0
         v = tl.permute(v, (1, 3, 4, 0, 2, 5))  # u, p1, p0, t, h
     else:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 # at or below this many rows the split-K GEMV (block_m rows per program) beats tensor-core tiles padded to 16
 # rows where the GEMM dequantizes into shared memory (3 bits, fp32 activations); PREDICTED on H100/A100
 # (benchmarks/kernel_model.py): M = 4 about even, M = 8 decode 0.7-1.1x fp16 cuBLAS vs the padded GEMM's
-# 0.9-2.0x. The fragment-order GEMM wins from M = 2 (`decode_max_m`).
+# 0.9-2.0x. The fragment-order GEMM wins from M = 2, at 3 bits from M = 1 (`decode_max_m`).
 DECODE_MAX_M = 4
 # fp16/bf16 forward and dx from this many rows dequantize the weight once (one pass over N x K) and let
 # cuBLAS multiply; None: never. Per (op, architecture), from the crossover that benchmarks/kernel_model.py
@@ -50,12 +50,24 @@ def k_ranges(k: int, block_k: int, tiles: int, sms: int, config: "KernelConfig")
     return -(-k // k_per_split), k_per_split
 
 
-def uses_fragment_order(bits: int, block_m: int, block_k: int, dtype_is_half: bool) -> bool:
+def uses_fragment_order(bits: int, block_m: int, block_k: int, group: int, dtype_is_half: bool) -> bool:
     """Whether the GEMM runs as y^T = W_hat x^T with magic-number codes in mma fragment order
     (`kernels.gemm_fwd_kernel` FRAGMENT): 2/4-bit codes (3-bit codes come from two planes), fp16/bf16
     activations, the mid-M tiles (block_m <= 32: sm_90a w4g128 14.0 -> 5.9 main-loop instructions per weight
-    byte, PREDICTED from the SASS, docs/RESULTS.md) and K tiles of whole groups of 4 words per column."""
-    return bits in (2, 4) and dtype_is_half and block_m <= 32 and block_k % (4 * 32 // bits) == 0
+    byte, PREDICTED from the SASS, docs/RESULTS.md) and sub-tiles (`fit_block_k`: inside one group, `group` as
+    resolved, K for -1) of whole groups of 4 words per column."""
+    plane_bits = 2 if bits == 3 else bits  # 3-bit codes come in their low (2-bit) plane's word order
+    return bits in (2, 3, 4) and dtype_is_half and block_m <= 32 and fit_block_k(block_k, group) % (4 * 32 // plane_bits) == 0
+
+
+def gemm_block_k(bits: int, block_m: int, block_k: int, group: int, dtype_is_half: bool) -> tuple[int, int]:
+    """(K tile, sub-tile) of the forward GEMM. The sub-tile lies inside one group (`fit_block_k`); a 2/4-bit
+    fragment-order tile keeps the config's whole K tile, several sub-tiles of smaller groups (w2g64 in 128-wide
+    tiles: sm_90a 14.7 -> 14.1 instructions per weight byte, PREDICTED), every other tile is one sub-tile (w3g64
+    in 128-wide tiles spilled on sm_80)."""
+    sub = fit_block_k(block_k, group)
+    several = bits != 3 and uses_fragment_order(bits, block_m, block_k, group, dtype_is_half)
+    return (block_k if several else sub), sub
 
 
 @dataclass(frozen=True)
@@ -107,14 +119,16 @@ EXACT_CANDIDATES: dict[str, list[tuple[int | None, list[KernelConfig]]]] = {
     "grad_scales": [(None, [KernelConfig(32, 32, 32, 4, 2)])],
 }
 
+_HALF_SPLIT_GEMM = ([(32, [KernelConfig(16, 128, 128, 4, 3, sm_warps=4)] + CANDIDATES["gemm"][0][1][1:])]
+                    + CANDIDATES["gemm"][1:])
 # (kernel, bits) whose code differs enough to want other tiles. 3-bit decode combines two planes per code
 # (kernels.decode_splitk_kernel): 256x64 tiles of 2 warps spill on sm_80, 128x128 of 4 warps do not.
 BITS_CANDIDATES: dict[tuple[str, int], list[tuple[int | None, list[KernelConfig]]]] = {
-    # 4-bit mid-M tiles in fragment order are memory-bound: half the K split (fewer fp32 partials to write and
-    # re-read) is predicted faster on every shape (H100 M = 16: 1.96/2.61/3.45x -> 2.11/2.82/3.64x fp16 cuBLAS);
-    # at 2 bits it loses on the larger layers, so 2 bits keep the default
-    ("gemm", 4): [(32, [KernelConfig(16, 128, 128, 4, 3, sm_warps=4)] + CANDIDATES["gemm"][0][1][1:])]
-                 + CANDIDATES["gemm"][1:],
+    # 3/4-bit mid-M tiles in fragment order: half the K split (fewer fp32 partials to write and re-read) is
+    # predicted faster on every shape (H100 M = 16: w4 1.96/2.61/3.45x -> 2.11/2.82/3.64x fp16 cuBLAS, w3
+    # 2.17/3.05/4.07x -> 2.29/3.26/4.17x); at 2 bits it loses on the larger layers, so 2 bits keep the default
+    ("gemm", 4): _HALF_SPLIT_GEMM,
+    ("gemm", 3): _HALF_SPLIT_GEMM,
     ("decode", 3): [(1, [KernelConfig(1, 128, 128), KernelConfig(1, 64, 128)]),
                     (2, [KernelConfig(2, 128, 64, 2, sm_warps=4)]),
                     (None, [KernelConfig(4, 128, 64, 4)])],
@@ -168,13 +182,16 @@ def fit_block_k(block_k: int, group: int) -> int:
 
 @functools.cache  # asked on every forward call; depends only on the curated candidates
 def decode_max_m(bits: int, group: int, dtype_is_half: bool) -> int:
-    """Rows up to which forward runs the split-K GEMV (`decode_splitk_kernel`), the GEMM above; `group` as
-    resolved (K for -1). Where the mid-M GEMM runs in fragment order (`uses_fragment_order`) it is PREDICTED
-    faster from M = 2 on every modelled shape (H100 w4g128 M = 4: 1.5-1.8x -> 2.4-3.7x fp16 cuBLAS; w2g64
-    M = 1 stays faster as GEMV), so the GEMV keeps M = 1 only; elsewhere up to `DECODE_MAX_M`."""
+    """Rows up to which forward runs the split-K GEMV (`decode_splitk_kernel`), the GEMM above (0: the GEMM
+    always); `group` as resolved (K for -1). Where the mid-M GEMM runs in fragment order (`uses_fragment_order`)
+    it is PREDICTED faster from M = 2 on every modelled shape (H100 w4g128 M = 4: 1.5-1.8x -> 2.4-3.7x fp16
+    cuBLAS), and at 3 bits from M = 1 (w3g128 M = 1: 1.9-2.6x -> 2.2-4.2x; the GEMV combines two planes per
+    code, 18.7 instructions per weight byte); 2 and 4 bits keep the GEMV at M = 1, which reads codes in place
+    (w2g64 M = 1: 2.5-5.1x vs the GEMM's 1.9-4.1x). Elsewhere up to `DECODE_MAX_M`."""
     gemm = candidates("gemm", 16, not dtype_is_half, bits)[0]
-    fragment = uses_fragment_order(bits, gemm.block_m, fit_block_k(gemm.block_k, group), dtype_is_half)
-    return 1 if fragment else DECODE_MAX_M
+    if not uses_fragment_order(bits, gemm.block_m, gemm.block_k, group, dtype_is_half):
+        return DECODE_MAX_M
+    return 0 if bits == 3 else 1
 
 
 def select_config(kernel: str, m: int, n: int, k: int, bits: int, group: int, exact: bool = False) -> KernelConfig:

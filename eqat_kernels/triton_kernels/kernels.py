@@ -49,7 +49,7 @@ def gemm_fwd_kernel(
     x_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K, stride_xm, stride_ym,
     K_PER_SPLIT, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FRAGMENT: tl.constexpr,
+    FRAGMENT: tl.constexpr, SUB_K: tl.constexpr,
 ):
     """y[M, N] = x[M, K] @ W_hat^T (+ bias), tiled tl.dot with W dequantized in registers.
 
@@ -58,7 +58,9 @@ def gemm_fwd_kernel(
     `configs.uses_fragment_order`): the transposed product y^T = W_hat x^T, so the weight tile is the mma's
     A operand and stays in registers (on sm_90 wgmma takes A from registers, B from shared memory); its codes
     become floats by the magic number (`common.magic_codes`), K in fragment order on both sides, and the
-    scale multiplies each tile's fp32 product (one FMA per output, not one multiply per weight).
+    scale multiplies each tile's fp32 product (one FMA per output, not one multiply per weight). A FRAGMENT K
+    tile may hold several groups: it runs as BLOCK_K / SUB_K sub-tiles of one group each (`configs.gemm_block_k`),
+    so a small group (w2g64) does not pay a whole iteration's fixed costs per 64 features.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -78,22 +80,27 @@ def gemm_fwd_kernel(
     k_start = pid_k * K_PER_SPLIT
     if FRAGMENT:
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        offs_s = tl.arange(0, SUB_K)
         for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
-            k = k0 + offs_k
-            xt = tl.load(x_tile + rm[None, :] * stride_xm + k[:, None],
-                         mask=(offs_m[None, :] < M) & (k[:, None] < K), other=0.0)
-            xt = fragment_order(xt, BITS)
-            gi = k0 // GROUP
-            # q - z, exact in fp16/bf16; masked words read as code 0, their activations are masked to 0
-            z = load_zeros(qz_ptr, gi, offs_n, N, BITS)
-            w = magic_codes(qw_ptr, k0, offs_n, K, N, BITS, BLOCK_K, xt.dtype, UPCAST)
-            if UPCAST:  # the interpreter's codes come in fp32 (its bf16 conversions are wrong); exact
-                w = w - (z.to(tl.float32) + magic_value(xt.dtype))[:, None]
-            else:  # broadcast, then add: (z + magic)[:, None] made the compiler swap every pair's halves twice
-                w = w - (z.to(xt.dtype)[:, None] + tl.full((1, 1), magic_value(xt.dtype), xt.dtype))
-            s = tl.load(s_ptr + gi * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            part = mma(w, xt, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_PRECISION, UPCAST)
-            acc_t += s[:, None] * part
+            for j in tl.static_range(BLOCK_K // SUB_K):
+                ks = k0 + j * SUB_K
+                k = ks + offs_s
+                xt = tl.load(x_tile + rm[None, :] * stride_xm + k[:, None],
+                             mask=(offs_m[None, :] < M) & (k[:, None] < K), other=0.0)
+                xt = fragment_order(xt, BITS)
+                # a sub-tile past K (the last tile of several groups) reads the last group's scale and zero
+                # point: in bounds, and its activations are masked to 0
+                gi = tl.minimum(ks, K - 1) // GROUP
+                # q - z, exact in fp16/bf16; masked words read as code 0, their activations are masked to 0
+                z = load_zeros(qz_ptr, gi, offs_n, N, BITS)
+                w = magic_codes(qw_ptr, qh_ptr, ks, offs_n, K, N, BITS, SUB_K, xt.dtype, UPCAST)
+                if UPCAST:  # the interpreter's codes come in fp32 (its bf16 conversions are wrong); exact
+                    w = w - (z.to(tl.float32) + magic_value(xt.dtype))[:, None]
+                else:  # broadcast, then add: (z + magic)[:, None] made the compiler swap every pair's halves twice
+                    w = w - (z.to(xt.dtype)[:, None] + tl.full((1, 1), magic_value(xt.dtype), xt.dtype))
+                s = tl.load(s_ptr + gi * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+                part = mma(w, xt, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_PRECISION, UPCAST)
+                acc_t += s[:, None] * part
         acc = tl.trans(acc_t)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -14,6 +14,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 
 from .data import DEFAULT_EVAL_TEXTS, EVAL_WINDOWS
+from .selfgen import SelfGenConfig
 
 # A non-finite loss restores the last good state and retries once at this fraction of the learning rate
 # (Block-AP per block, E2E-QP from its last save).
@@ -53,6 +54,9 @@ class RunConfig:
     bf16: bool = option(True, "train and run block passes under bf16 autocast (fp32 master weights)")
     offload: bool = option(False, "keep cached activations memory-mapped on disk")
     seed: int = option(0, "seed of data sampling, self-generation and training")
+    gen_temperature: float = option(SelfGenConfig.temperature, "self-generation: sampling temperature (above 1 the "
+                                                               "fp model writes less typical text; docs/RESULTS.md)")
+    gen_top_k: int = option(SelfGenConfig.top_k, "self-generation: tokens sampled from at each step (the k most likely)")
 
     @property
     def held_out_windows(self) -> int:
@@ -64,6 +68,12 @@ class RunConfig:
             raise ValueError("calibration needs at least one window (calib_windows >= 1)")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be at least 2 tokens, got {self.seq_len}")
+        SelfGenConfig(sequences=1, seq_len=8, **self.sampling)  # its checks, before any model is loaded
+
+    @property
+    def sampling(self) -> dict:
+        """The self-generation settings a run chooses (`SelfGenConfig` fields)."""
+        return {"temperature": self.gen_temperature, "top_k": self.gen_top_k}
 
 
 # ----- CLI generation ------------------------------------------------------------------------------------

@@ -169,10 +169,10 @@ def calibration_sources(spec: str | None) -> list[str]:
 
 
 def calibration_split(spec: str | None, model, tokenizer, seq_len: int, n_eval: int, n_calib: int, n_val: int,
-                      seed: int = 0, progress: bool = True) -> TextWindows:
+                      seed: int = 0, progress: bool = True, sampling: dict | None = None) -> TextWindows:
     """Calibration and validation windows from `spec`, shared evenly between the parts of a mixture.
     Windows of a text never come from its first `n_eval` (those evaluate); self-generated windows are
-    fresh samples of the fp model."""
+    fresh samples of the fp model, drawn with `sampling` (`SelfGenConfig` fields; its defaults otherwise)."""
     parts = calibration_sources(spec)
     calib, val = [], []
     for j, part in enumerate(parts):
@@ -186,8 +186,8 @@ def calibration_split(spec: str | None, model, tokenizer, seq_len: int, n_eval: 
             rank, world = runstate.rank_world()
             if world > 1 and rank != 0:
                 torch.distributed.barrier()  # under torchrun rank 0 writes the cache, the others read it
-            windows = generate_calibration(model, tokenizer, SelfGenConfig(sequences=c + v, seq_len=seq_len, seed=seed),
-                                           progress=progress)
+            gen = SelfGenConfig(sequences=c + v, seq_len=seq_len, seed=seed, **(sampling or {}))
+            windows = generate_calibration(model, tokenizer, gen, progress=progress)
             if world > 1 and rank == 0:
                 torch.distributed.barrier()
             calib.append(windows[:c])

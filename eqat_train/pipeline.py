@@ -38,6 +38,12 @@ def load_teacher(model_name: str | None, bf16: bool):
     return teacher
 
 
+def self_sampling(run: RunConfig) -> dict:
+    """The self-generation settings a run's calibration depends on (none for a text source): recorded, and
+    part of the resume fingerprint."""
+    return {f"gen_{k}": v for k, v in run.sampling.items()} if data.SELF in data.calibration_sources(run.text) else {}
+
+
 def e2e_examples(cfg: E2EConfig, tokenizer, calib: torch.Tensor | None, seq_len: int) -> Examples:
     if cfg.instruct:
         return Examples.from_instructions(cfg.instruct, tokenizer, seq_len)
@@ -57,13 +63,13 @@ def quantize(run: RunConfig | None = None, stage: BlockwiseConfig | None = None,
     model, tokenizer, source = models.load_model(run.model)
     warn_overlap(run.text, run.eval_texts)
     split = data.calibration_split(run.text, model, tokenizer, run.seq_len, run.held_out_windows, run.calib_windows,
-                                   run.val_windows, run.seed, progress)
+                                   run.val_windows, run.seed, progress, run.sampling)
     run_options = {"model": source.describe(), "text": run.text or data.DEFAULT_CALIBRATION, "seq_len": run.seq_len,
                    "calib_windows": run.calib_windows, "val_windows": run.val_windows,
                    # what the calibration split depends on, not the closing report's count: a rerun with another
                    # --eval-windows resumes instead of refusing the saved blocks
                    "held_out_windows": run.held_out_windows,
-                   "seed": run.seed, "bf16": run.bf16}
+                   "seed": run.seed, "bf16": run.bf16, **self_sampling(run)}
     blockwise = BlockwiseRun(model, stage, run_options, state_dir=state_dir, offload=run.offload,
                              bf16_passes=run.bf16, seed=run.seed)
     log = blockwise.run(split.calib, split.val if run.val_windows else None, progress=progress)
@@ -139,9 +145,9 @@ def e2e(checkpoint: str, run: RunConfig, cfg: E2EConfig | None = None, progress:
     # the same split as `eqat quantize` with these settings, so a self-generated set it made is reused
     calib = None if cfg.instruct else data.calibration_split(run.text, fp_model, tokenizer, run.seq_len,
                                                               run.held_out_windows, run.calib_windows, run.val_windows,
-                                                              run.seed, progress).calib
+                                                              run.seed, progress, run.sampling).calib
     source = {"checkpoint": str(checkpoint), "text": run.text or data.DEFAULT_CALIBRATION,
-              "calib_windows": run.calib_windows, "seq_len": run.seq_len}
+              "calib_windows": run.calib_windows, "seq_len": run.seq_len, **self_sampling(run)}
     trainer = E2ETrainer(model, e2e_examples(cfg, tokenizer, calib, run.seq_len), cfg, state_dir, source,
                          teacher=fp_model if cfg.loss == "kl" else None, bf16=run.bf16, seed=run.seed)
     log = trainer.train(progress)

@@ -53,6 +53,9 @@ class SelfGenConfig:
             raise ValueError("self-generation needs sequences >= 1, seq_len >= 8 and batch_size >= 1")
         if not 0 <= self.chat_fraction <= 1:
             raise ValueError(f"chat_fraction must be in [0, 1], got {self.chat_fraction}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)) or self.top_k < 1:
+            raise ValueError(f"self-generation needs a positive finite temperature and top_k >= 1, got "
+                             f"temperature {self.temperature}, top_k {self.top_k}")
 
 
 def cache_root() -> Path:

@@ -90,6 +90,8 @@ CASES = [
     ("text shorter than one window", lambda c: data.tokenize_windows(c["tok"], "a few words", 512), ValueError,
      r"fewer than one window of 512"),
     ("zero calibration windows", lambda c: RunConfig(calib_windows=0), ValueError, r"at least one window"),
+    ("zero sampling temperature", lambda c: RunConfig(gen_temperature=0.0), ValueError, r"positive finite temperature"),
+    ("zero top-k", lambda c: RunConfig(gen_top_k=0), ValueError, r"top_k >= 1"),
     ("window length 1", lambda c: data.tokenize_windows(c["tok"], "text", 1), ValueError, r"seq_len must be at least 2"),
     ("missing model path", lambda c: models.resolve_source(str(c["tmp"] / "nope.gguf")), FileNotFoundError,
      r"does not exist"),

@@ -169,3 +169,19 @@ def test_later_chat_batches_sample_only_the_conversations_still_needed():
     assert selfgen.CHAT_ROWS_MIN <= rows < 8
     assert rows * 17_063 / 64 >= need - 17_063  # enough at the mean length
     assert selfgen._chat_rows(cfg, 1_000, need, 64) == cfg.batch_size  # short conversations: never past a batch
+
+
+def test_run_sampling_settings_reach_self_generation(tiny, monkeypatch):
+    """--gen-temperature / --gen-top-k become the SelfGenConfig that draws (and keys the cache of) the set."""
+    from eqat_train import selfgen
+    from eqat_train.configs import RunConfig
+
+    seen = []
+    monkeypatch.setattr(selfgen, "generate_calibration",
+                        lambda model, tok, cfg, progress=True: seen.append(cfg) or torch.zeros(cfg.sequences, 16,
+                                                                                               dtype=torch.long))
+    run = RunConfig(gen_temperature=1.7, gen_top_k=7)
+    data.calibration_split("self", *tiny, 16, 2, 3, 1, sampling=run.sampling)
+    assert (seen[0].temperature, seen[0].top_k, seen[0].sequences) == (1.7, 7, 4)
+    data.calibration_split("self", *tiny, 16, 2, 3, 1)
+    assert (seen[1].temperature, seen[1].top_k) == (SelfGenConfig.temperature, SelfGenConfig.top_k)

@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from eqat_kernels.triton_kernels.configs import (decode_max_m, fit_block_k, gemm_block_k, k_ranges, select_config,
+from eqat_kernels.triton_kernels.configs import (decode_max_m, fit_block_k, gemm_tiling, k_ranges, select_config,
                                                  uses_dense)
 
 RESULTS = Path(__file__).parent / "results" / "kernel_model.json"
@@ -119,7 +119,7 @@ def launch_split(report: dict, gpu: GPU, n: int, k: int) -> int:
     decode = m <= decode_max_m(bits, k if group == -1 else group, not exact)
     cfg = select_config("decode" if decode else "gemm", m, n, k, bits, group, exact)
     g = k if group == -1 else group
-    bk = fit_block_k(cfg.block_k, g) if decode else gemm_block_k(bits, cfg.block_m, cfg.block_k, g, not exact)[0]
+    bk = fit_block_k(cfg.block_k, g) if decode else gemm_tiling(bits, cfg.block_m, cfg.block_k, g, not exact)[0]
     tiles = math.ceil(n / cfg.block_n) * math.ceil(m / cfg.block_m)
     return k_ranges(k, bk, tiles, gpu.sms, cfg)[0]
 

@@ -52,22 +52,23 @@ def k_ranges(k: int, block_k: int, tiles: int, sms: int, config: "KernelConfig")
 
 def uses_fragment_order(bits: int, block_m: int, block_k: int, group: int, dtype_is_half: bool) -> bool:
     """Whether the GEMM runs as y^T = W_hat x^T with magic-number codes in mma fragment order
-    (`kernels.gemm_fwd_kernel` FRAGMENT): 2/4-bit codes (3-bit codes come from two planes), fp16/bf16
-    activations, the mid-M tiles (block_m <= 32: sm_90a w4g128 14.0 -> 5.9 main-loop instructions per weight
-    byte, PREDICTED from the SASS, docs/RESULTS.md) and sub-tiles (`fit_block_k`: inside one group, `group` as
-    resolved, K for -1) of whole groups of 4 words per column."""
-    plane_bits = 2 if bits == 3 else bits  # 3-bit codes come in their low (2-bit) plane's word order
-    return bits in (2, 3, 4) and dtype_is_half and block_m <= 32 and fit_block_k(block_k, group) % (4 * 32 // plane_bits) == 0
+    (`kernels.gemm_fwd_kernel` FRAGMENT): 2/3/4-bit codes (3-bit ones in their low plane's word order),
+    fp16/bf16 activations, the mid-M tiles (block_m <= 32: sm_90a w4g128 14.0 -> 5.9 main-loop instructions per
+    weight byte, PREDICTED from the SASS, docs/RESULTS.md) and sub-tiles (`fit_block_k`: inside one group,
+    `group` as resolved, K for -1) of whole groups of 4 words per column."""
+    plane_bits = 2 if bits == 3 else bits
+    return (bits in (2, 3, 4) and dtype_is_half and block_m <= 32
+            and fit_block_k(block_k, group) % (4 * 32 // plane_bits) == 0)
 
 
-def gemm_block_k(bits: int, block_m: int, block_k: int, group: int, dtype_is_half: bool) -> tuple[int, int]:
-    """(K tile, sub-tile) of the forward GEMM. The sub-tile lies inside one group (`fit_block_k`); a 2/4-bit
-    fragment-order tile keeps the config's whole K tile, several sub-tiles of smaller groups (w2g64 in 128-wide
-    tiles: sm_90a 14.7 -> 14.1 instructions per weight byte, PREDICTED), every other tile is one sub-tile (w3g64
-    in 128-wide tiles spilled on sm_80)."""
+def gemm_tiling(bits: int, block_m: int, block_k: int, group: int, dtype_is_half: bool) -> tuple[int, int, bool]:
+    """(K tile, sub-tile, fragment order) of the forward GEMM. The sub-tile lies inside one group
+    (`fit_block_k`); a 2/4-bit fragment-order tile keeps the config's whole K tile, several sub-tiles of smaller
+    groups (w2g64 in 128-wide tiles: sm_90a 14.7 -> 14.1 instructions per weight byte, PREDICTED), every other
+    tile is one sub-tile (w3g64 in 128-wide tiles spilled on sm_80)."""
     sub = fit_block_k(block_k, group)
-    several = bits != 3 and uses_fragment_order(bits, block_m, block_k, group, dtype_is_half)
-    return (block_k if several else sub), sub
+    fragment = uses_fragment_order(bits, block_m, block_k, group, dtype_is_half)
+    return (block_k if fragment and bits != 3 else sub), sub, fragment
 
 
 @dataclass(frozen=True)

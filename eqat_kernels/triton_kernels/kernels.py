@@ -54,12 +54,12 @@ def gemm_fwd_kernel(
     """y[M, N] = x[M, K] @ W_hat^T (+ bias), tiled tl.dot with W dequantized in registers.
 
     Program (tile, s) sums K range s; several ranges (few tiles: M = 5..128 on narrow layers) are added in
-    order by the tile's last program (`finish_split`), in the same launch. FRAGMENT (2/4-bit codes, fp16/bf16,
+    order by the tile's last program (`finish_split`), in the same launch. FRAGMENT (2/3/4-bit codes, fp16/bf16,
     `configs.uses_fragment_order`): the transposed product y^T = W_hat x^T, so the weight tile is the mma's
     A operand and stays in registers (on sm_90 wgmma takes A from registers, B from shared memory); its codes
     become floats by the magic number (`common.magic_codes`), K in fragment order on both sides, and the
     scale multiplies each tile's fp32 product (one FMA per output, not one multiply per weight). A FRAGMENT K
-    tile may hold several groups: it runs as BLOCK_K / SUB_K sub-tiles of one group each (`configs.gemm_block_k`),
+    tile may hold several groups: it runs as BLOCK_K / SUB_K sub-tiles of one group each (`configs.gemm_tiling`),
     so a small group (w2g64) does not pay a whole iteration's fixed costs per 64 features.
     """
     pid = tl.program_id(0)

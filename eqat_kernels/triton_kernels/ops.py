@@ -11,8 +11,7 @@ import triton
 from ..packing import split_3bit_planes
 from ..spec import QuantSpec
 from . import kernels
-from .configs import (KernelConfig, decode_max_m, fit_block_k, gemm_block_k, k_ranges, select_config, uses_dense,
-                      uses_fragment_order)
+from .configs import KernelConfig, decode_max_m, fit_block_k, gemm_tiling, k_ranges, select_config, uses_dense
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SM_COUNT_FALLBACK = 132  # off a GPU (the interpreter, AOT builds): an H100's
@@ -175,8 +174,7 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
         )
     else:
         cfg = config or _select(x.device, "gemm", m, n, k, spec.bits, spec.group, x.dtype == torch.float32)
-        half = x.dtype != torch.float32
-        bk, sub_k = gemm_block_k(spec.bits, cfg.block_m, cfg.block_k, spec.group, half)
+        bk, sub_k, fragment = gemm_tiling(spec.bits, cfg.block_m, cfg.block_k, spec.group, x.dtype != torch.float32)
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         split, k_per_split = k_ranges(k, bk, tiles, _sm_count(x.device), cfg)
         ws = _output(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
@@ -184,8 +182,7 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
             x2, *weight, scales, y if bias is None else bias, y, ws, _tickets(x.device, tiles), m, n, k,
             x2.stride(0), y.stride(0), k_per_split, GROUP=spec.group, BITS=spec.bits, HAS_BIAS=bias is not None,
             **_dot_args(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
-            GROUP_M=cfg.group_m, FRAGMENT=uses_fragment_order(spec.bits, cfg.block_m, cfg.block_k, spec.group, half),
-            SUB_K=sub_k,
+            GROUP_M=cfg.group_m, FRAGMENT=fragment, SUB_K=sub_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return y.reshape(*x.shape[:-1], n)

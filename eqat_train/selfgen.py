@@ -43,7 +43,8 @@ class SelfGenConfig:
     chat_fraction: float = 0.5  # share of windows cut from conversations (chat models only)
     greedy_prefix: int = 3
     # above 1 the model writes less typical text, more like the text it will meet: at w2g64 the validation
-    # text's ratio over two samples 5.83 / 5.00 (top-k 50, T 1.0) -> 4.27 / 4.65 (docs/RESULTS.md)
+    # text's KL 1.76 (two samples at top-k 50, T 1.0) -> 1.65 (three samples), inside the sample spread;
+    # T 1.4 was worse again (docs/RESULTS.md)
     top_k: int = 200
     temperature: float = 1.2
     user_tokens: int = 48  # longest user turn the model writes

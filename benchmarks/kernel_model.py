@@ -116,9 +116,9 @@ def launch_split(report: dict, gpu: GPU, n: int, k: int) -> int:
     """The K split the launcher chooses for `report`'s launch re-gridded to (n, k) on `gpu` (configs.k_ranges)."""
     m, bits, group = report["m"], report["bits"], report["group_size"]
     exact = report["dtype"] == "float32"
-    decode = m <= decode_max_m(bits, k if group == -1 else group, not exact)
-    cfg = select_config("decode" if decode else "gemm", m, n, k, bits, group, exact)
     g = k if group == -1 else group
+    decode = m <= decode_max_m(bits, g, not exact)
+    cfg = select_config("decode" if decode else "gemm", m, n, k, bits, group, exact)
     bk = fit_block_k(cfg.block_k, g) if decode else gemm_tiling(bits, cfg.block_m, cfg.block_k, g, not exact)[0]
     tiles = math.ceil(n / cfg.block_n) * math.ceil(m / cfg.block_m)
     return k_ranges(k, bk, tiles, gpu.sms, cfg)[0]

@@ -89,7 +89,7 @@ def split_3bit_planes(qweight: torch.Tensor, in_features: int) -> tuple[torch.Te
 
 
 def merge_3bit_planes(low: torch.Tensor, high: torch.Tensor, in_features: int) -> torch.Tensor:
-    codes = _unpack_plane(low, 2, in_features) | (_unpack_plane(high.to(torch.int32) & 0xFFFF, 1, in_features, 16) << 2)
+    codes = _unpack_plane(low, 2, in_features) | (_unpack_plane(high, 1, in_features, 16) << 2)
     return pack_qweight(codes, 3)
 
 

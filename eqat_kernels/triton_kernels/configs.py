@@ -61,6 +61,7 @@ def uses_fragment_order(bits: int, block_m: int, block_k: int, group: int, dtype
             and fit_block_k(block_k, group) % (4 * 32 // plane_bits) == 0)
 
 
+@functools.cache  # asked on every forward call; a pure function of its arguments
 def gemm_tiling(bits: int, block_m: int, block_k: int, group: int, dtype_is_half: bool) -> tuple[int, int, bool]:
     """(K tile, sub-tile, fragment order) of the forward GEMM. The sub-tile lies inside one group
     (`fit_block_k`); a 2/4-bit fragment-order tile keeps the config's whole K tile, several sub-tiles of smaller

@@ -7,8 +7,13 @@ Triton wheel's cuobjdump, finds the main loop (the backward branch), and counts 
 From that and datasheet figures (below, named) it predicts, per (GPU, kernel, bits, group, M, N, K):
 
     time = max(weight+activation bytes / (bandwidth x latency-hiding efficiency),
-               thread-instructions / issue rate of the SMs the grid occupies,
+               issue slots / issue rate of the SMs the grid occupies,
                flops / tensor-core rate) + launch cost per kernel launch
+
+where issue slots = max(thread-instructions, each pipe's instructions x full rate / that pipe's rate): a
+scheduler issues one warp-instruction per clock, but integer and bit operations run at half that rate and
+type conversions (I2F, F2F, ...) at an eighth (`PIPE_RATES`), so a loop of conversions is bound by its pipe,
+not by its instruction count.
 
 and the same for fp16 cuBLAS at its own roofline (max(bytes / bandwidth, flops / tensor rate) + one
 launch), whose ratio is the predicted speedup; `16 / (b + 32/g)` (code bits + fp16 scale and zero per
@@ -52,6 +57,7 @@ class GPU:
     l2_bytes: int = 50 * 2**20
     max_shared_per_sm: int = 228 * 1024
     launch_s: float = 2.5e-6  # one kernel launch from PyTorch without CUDA graphs
+    fp32_rate: int = 128  # FFMA/FADD/FMUL results per clock per SM (A100: 64)
 
     @property
     def issue_rate(self) -> float:  # thread-instructions per second, whole GPU
@@ -60,7 +66,8 @@ class GPU:
 
 GPUS = {
     # NVIDIA A100 SXM4 80GB datasheet: 2,039 GB/s, 312 TFLOPS fp16 dense, 108 SMs, 1410 MHz boost
-    "A100": GPU("A100", 80, 108, 1.41e9, 2.039e12, 312e12, 600e-9, l2_bytes=40 * 2**20, max_shared_per_sm=164 * 1024),
+    "A100": GPU("A100", 80, 108, 1.41e9, 2.039e12, 312e12, 600e-9, l2_bytes=40 * 2**20, max_shared_per_sm=164 * 1024,
+                fp32_rate=64),
     # NVIDIA H100 SXM5 datasheet: 3.35 TB/s, 989 TFLOPS fp16 dense, 132 SMs, 1980 MHz boost
     "H100": GPU("H100", 90, 132, 1.98e9, 3.35e12, 989e12, 600e-9),
 }
@@ -77,7 +84,14 @@ CLASSES = {  # SASS opcode -> class in the instruction mix
     "I2F": "convert", "I2FP": "convert", "F2F": "convert", "F2FP": "convert", "F2I": "convert",
     "LOP3": "int_bit", "SHF": "int_bit", "SGXT": "int_bit", "IADD3": "int_bit", "IMAD": "int_bit", "LEA": "int_bit",
     "PRMT": "int_bit", "BFE": "int_bit", "ISETP": "int_bit", "SEL": "int_bit", "IMNMX": "int_bit", "VIMNMX": "int_bit",
+    "SHFL": "shuffle",
 }
+# Results per clock per SM of the pipes slower than the issue rate (4 schedulers x 32 = 128): the CUDA C++
+# Programming Guide's "Throughput of Native Arithmetic Instructions" for compute capability 8.0 and 9.0
+# (32-bit integer add / shift / bitwise / compare / multiply-add: 64; "all other type conversions": 16, which
+# covers sm_90's I2FP as well (Triton's PR 4563: "Hopper has very low throughput of conversion instructions");
+# warp shuffle: 32). fp32 FMA runs at `GPU.fp32_rate`; 16-bit pairs (HFMA2) at the full issue rate.
+PIPE_RATES = {"int_bit": 64, "convert": 16, "shuffle": 32}
 _LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)\s*([^;]*);")
 
 
@@ -103,6 +117,16 @@ def mix(loop: list[tuple]) -> dict[str, int]:
     counts = Counter(CLASSES.get(op, "other") for _, op, _, _ in loop)
     widths = Counter(f"LDG{mod}" for _, op, mod, _ in loop if op == "LDG")
     return {"total": len(loop), **counts, **{k.replace(".", "_"): v for k, v in widths.items()}}
+
+
+def issue_slots(counts: dict[str, int], gpu: GPU) -> tuple[float, str]:
+    """Full-rate issue slots a mix of instruction classes needs (its count, or its busiest pipe's demand if
+    that is more), and what sets it: "issue" or the pipe's class."""
+    rates = {**PIPE_RATES, "fma": gpu.fp32_rate}
+    demand = {c: counts.get(c, 0) * 128 / r for c, r in rates.items()}
+    pipe = max(demand, key=demand.get)
+    total = sum(counts.values())
+    return (demand[pipe], pipe) if demand[pipe] > total else (total, "issue")
 
 
 def _weight_bytes_per_iteration(kernel: str, cfg: dict, bits: int, group: int, k: int) -> float:
@@ -152,9 +176,12 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
         programs, iters = math.ceil(n / bn) * math.ceil(k / bk), 1
     else:
         programs, iters = 1, 1
-    body = len(loop) or len(instrs)
-    other = len(instrs) - len(loop) if loop else 0
-    thread_instrs = programs * threads * (iters * body + other)
+    body_instrs = loop or instrs
+    loop_at = {i[0] for i in loop}
+    classes = lambda seq: Counter(CLASSES.get(op, "other") for _, op, _, _ in seq)  # noqa: E731
+    body, issue_bound = issue_slots(classes(body_instrs), gpu)
+    other = issue_slots(classes([i for i in instrs if i[0] not in loop_at]), gpu)[0] if loop else 0
+    slots = programs * threads * (iters * body + other)
     # occupancy: resident programs per SM from registers, threads and shared memory
     regs = max(report["registers"], 1)
     per_sm = min(gpu.max_regs_per_sm // (regs * threads), gpu.max_threads_per_sm // threads,
@@ -164,7 +191,7 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
     resident = min(per_sm, math.ceil(programs / gpu.sms))
     warps_per_sm = resident * threads // 32
     issue = active_sms * min(4, warps_per_sm) * 32 * gpu.clock_hz
-    t_issue = thread_instrs / issue
+    t_issue = slots / issue
     # bytes: weights once per (M tile) pass, activations in and out
     act = 2 if report["dtype"] != "float32" else 4
     weight_total = n * k * bits / 8 + n * math.ceil(k / (k if group == -1 else group)) * (2 + bits / 8)
@@ -201,7 +228,7 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
             "resident_per_sm": resident, "bytes_in_flight_per_sm": round(in_flight / max(active_sms, 1)),
             "latency_efficiency": round(efficiency, 3), "t_mem_us": t_mem * 1e6, "t_issue_us": t_issue * 1e6,
             "t_tensor_us": t_tc * 1e6, "predicted_us": time * 1e6, "bound": max(
-                (("memory", t_mem), ("issue", t_issue), ("tensor", t_tc)), key=lambda p: p[1])[0],
+                (("memory", t_mem), (issue_bound, t_issue), ("tensor", t_tc)), key=lambda p: p[1])[0],
             "mix": mix(loop)}
 
 

@@ -56,3 +56,12 @@ def test_the_regression_check_flags_a_worse_kernel():
     assert kernel_model.check([{**base, "predicted_us": 9.0}], [base])
     assert kernel_model.check([{**base, "instr_per_weight_byte": 10.5}], [base])
     assert kernel_model.check([{**base, "instr_per_weight_byte": 9.0}], [base]) == []  # better is fine
+
+
+def test_slow_pipes_bound_a_loop_beyond_its_instruction_count():
+    """Conversions run at 16 per clock per SM, integer ops at 64, against 128 issue slots (CUDA guide table)."""
+    h100, a100 = kernel_model.GPUS["H100"], kernel_model.GPUS["A100"]
+    assert kernel_model.issue_slots({"fma": 30, "int_bit": 10}, h100) == (40, "issue")
+    assert kernel_model.issue_slots({"convert": 10, "fma": 10}, h100) == (80, "convert")
+    assert kernel_model.issue_slots({"int_bit": 30, "fma": 5}, h100) == (60, "int_bit")
+    assert kernel_model.issue_slots({"fma": 30, "int_bit": 10}, a100) == (60, "fma")  # A100: 64 fp32 lanes per SM

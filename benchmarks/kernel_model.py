@@ -224,7 +224,8 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
     uses_tc = report["has_mma"] or report["has_wgmma"]
     t_tc = flops / gpu.fp16_tensor_flops if uses_tc else 0.0
     time = max(t_mem, t_issue, t_tc) + gpu.launch_s
-    return {"instr_per_weight_byte": round(ipb, 2), "loop_instructions": len(loop), "programs": programs,
+    return {"instr_per_weight_byte": round(ipb, 2), "issue_slots_per_weight_byte": round(body * threads / wbytes, 2)
+            if wbytes else float("nan"), "loop_instructions": len(loop), "programs": programs,
             "resident_per_sm": resident, "bytes_in_flight_per_sm": round(in_flight / max(active_sms, 1)),
             "latency_efficiency": round(efficiency, 3), "t_mem_us": t_mem * 1e6, "t_issue_us": t_issue * 1e6,
             "t_tensor_us": t_tc * 1e6, "predicted_us": time * 1e6, "bound": max(
@@ -281,6 +282,7 @@ def collect(workers: int = 2) -> list[dict]:
                     "bits": bits,
                     "group_size": group, "M": m, "N": n, "K": k,
                     "instr_per_weight_byte": main["instr_per_weight_byte"],
+                    "issue_slots_per_weight_byte": main["issue_slots_per_weight_byte"],
                     "predicted_us": round(ours, 3), "predicted_fp16_us": round(base, 3),
                     "predicted_speedup_vs_fp16": round(base / ours, 3),
                     "roofline_speedup_m1": round(16 / (bits + 32 / group), 3),
@@ -351,14 +353,15 @@ def print_crossover(rows: list[dict]) -> None:
 
 def print_table(records: list[dict]) -> None:
     print("PREDICTED by a static model of the SASS (no GPU was used); speedup vs fp16 cuBLAS at its roofline")
-    print(f"{'gpu':5} {'op':12} {'setting':7} {'M':>5} {'N x K':>12} {'instr/B':>7} {'bound':7} {'eff':>5} "
+    print(f"{'gpu':5} {'op':12} {'setting':7} {'M':>5} {'N x K':>12} {'instr/B':>7} {'slots/B':>7} {'bound':8} {'eff':>5} "
           f"{'pred us':>9} {'fp16 us':>8} {'speedup':>7} {'% roof':>6}")
     for r in records:
         setting = f"w{r['bits']}g{r['group_size']}"
         roof = r["roofline_speedup_m1"] if r["M"] == 1 else float("nan")
         pct = 100 * r["predicted_speedup_vs_fp16"] / roof if r["M"] == 1 else float("nan")
         print(f"{r['gpu']:5} {r['op']:12} {setting:7} {r['M']:>5} {str(r['N']) + 'x' + str(r['K']):>12} "
-              f"{r['instr_per_weight_byte']:>7.2f} {r['bound']:7} {r['latency_efficiency']:>5.2f} "
+              f"{r['instr_per_weight_byte']:>7.2f} {r['issue_slots_per_weight_byte']:>7.2f} {r['bound']:8} "
+              f"{r['latency_efficiency']:>5.2f} "
               f"{r['predicted_us']:>9.2f} {r['predicted_fp16_us']:>8.2f} {r['predicted_speedup_vs_fp16']:>7.2f} "
               f"{pct:>6.0f}")
 

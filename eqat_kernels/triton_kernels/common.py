@@ -74,37 +74,70 @@ def field_columns(x, BITS: tl.constexpr):
     return cols
 
 
+# fp32 2^23: its mantissa step is exactly 1, so OR-ing an integer below 2^23 into its mantissa gives the float
+# 2^23 + q with no conversion instruction (int -> float conversions run at an eighth of the issue rate)
+MAGIC_F32 = tl.constexpr(0x4B000000)
+MAGIC_F32_VALUE = tl.constexpr(8388608.0)
+
+
+@triton.jit
+def magic_f32(q):
+    """The float 2^23 + q of non-negative integers q < 2^23 (int32/uint32), by one OR and a bitcast."""
+    return (q | MAGIC_F32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def exact_float(q):
+    """float(q) for integers 0 <= q < 2^23 without a conversion instruction: an OR and an fp32 subtraction."""
+    return magic_f32(q) - MAGIC_F32_VALUE
+
+
 @triton.jit
 def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BITS: tl.constexpr,
               BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
     """(sum_k x[r, k] * code[k, n], sum_k x[r, k]) over k0..k0+BLOCK_K for the BLOCK_M rows at `x_tile`
     (rows from `m_rows` on are masked) of a plane whose codes never straddle words: `[BLOCK_M, BN]`, `[BLOCK_M]`.
 
-    Field j of a word is masked in place, never shifted: as a float it is code * 2^(BITS*j), exact, so a
-    weight costs a mask and a conversion once, then an FMA per row. One row (decode proper) scales x by
-    2^-(BITS*j) instead (exact) and accumulates every field into one [words, columns] partial in the words'
-    load layout: no layout conversion of the weights and no cross-thread sum inside the K loop. Several rows
-    keep a partial sum per field, [rows, words, fields, columns], rescaled after the K sum (the one-row form
-    spills at 4 rows).
+    Field j of a word is read in place, never shifted down to bit 0. One row (decode proper): under the fp32
+    magic exponent (`magic_f32`) each 16-bit half of a word is the float 2^23 + half, and AND-ing one field's
+    mask with the exponent bits leaves 2^23 + code * 2^(BITS*(j % HALF)), exact; a subtraction makes it the
+    scaled code, so a weight costs an AND, a subtraction and an FMA and no int -> float conversion (those run
+    at an eighth of the issue rate); x is scaled by 2^-(BITS*(j % HALF)) instead (exact), and every field
+    accumulates into one [words, columns] partial in the words' load layout: no layout conversion of the
+    weights and no cross-thread sum inside the K loop. Several rows: a field as a float is code * 2^(BITS*j)
+    after one conversion, shared by the rows' FMAs; a partial sum per field, [rows, words, fields, columns],
+    is rescaled after the K sum (the one-row form spills at 4 rows, and so does the magic form).
     """
     PER: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PER // 2  # fields per 16 bits
     WORDS: tl.constexpr = BLOCK_K // PER
     words_at = k0 // PER + tl.arange(0, WORDS)
     words = tl.load(plane_ptr + words_at[:, None] * N + offs_n[None, :],
                     mask=(words_at[:, None] < K // PER) & n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
     fields = tl.arange(0, PER)
     k = k0 + tl.arange(0, WORDS)[:, None] * PER + fields[None, :]  # [WORDS, PER]
-    rescale = ((127 - fields * BITS) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS*j), built exactly
     if BLOCK_M == 1:
+        # field j is read in place from its 16-bit half: code * 2^(BITS*(j % HALF)), below 2^16
+        rescale = ((127 - (fields % HALF) * BITS) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS*(j % HALF)), exact
         # (a program's first row always exists: the grid has cdiv(M, BLOCK_M) row tiles)
         x = tl.load(x_tile + k, mask=k < K, other=0.0).to(tl.float32)  # [WORDS, PER]
         xs = field_columns(x * rescale[None, :], BITS)
         part = tl.zeros((WORDS, offs_n.shape[0]), dtype=tl.float32)
+        # each 16-bit half under the fp32 magic's exponent once; a field is then one AND with one immediate
+        # (the field's mask and the exponent bits): two constants in one LOP3 would cost a register each
+        # (k0 >> 31 is 0 at run time, but the compiler cannot know it: with a known magic it merges the OR into
+        # every field's AND, a three-input LOP3 whose constant register ptxas re-creates for each field)
+        magic = (tl.full((), MAGIC_F32, tl.int32) | (k0 >> 31)).to(tl.uint32, bitcast=True)
+        lower = ((words & 0xFFFF) | magic).to(tl.float32, bitcast=True)
+        upper = ((words >> 16) | magic).to(tl.float32, bitcast=True)
         for j in tl.static_range(PER):
-            part += xs[j][:, None] * (words & (((1 << BITS) - 1) << (BITS * j))).to(tl.float32)
+            half = lower if j < HALF else upper
+            field = half.to(tl.uint32, bitcast=True) & (MAGIC_F32 | (((1 << BITS) - 1) << (BITS * (j % HALF))))
+            part += xs[j][:, None] * (field.to(tl.float32, bitcast=True) - MAGIC_F32_VALUE)
         dot = tl.sum(part, axis=0)[None, :]
         xsum = tl.zeros((1,), dtype=tl.float32) + tl.sum(tl.sum(x, axis=1), axis=0)
     else:
+        rescale = ((127 - fields * BITS) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS*j), exact
         field_masks = ((1 << BITS) - 1) << (fields * BITS).to(tl.uint32)  # [PER] uint32
         q = (words[:, None, :] & field_masks[None, :, None]).to(tl.float32)  # code * 2^(BITS*j)
         rm = tl.arange(0, BLOCK_M)

@@ -7,8 +7,8 @@ tile reads its scales and zero points once; the partial last group is masked, ne
 import triton
 import triton.language as tl
 
-from .common import (dequant_tile, fragment_order, load_code_tile, load_zeros, magic_codes, magic_value, mma,
-                     plane_dot)
+from .common import (dequant_tile, exact_float, fragment_order, load_code_tile, load_zeros, magic_codes, magic_value,
+                     mma, plane_dot)
 
 
 @triton.jit
@@ -125,7 +125,7 @@ def decode_splitk_kernel(
 
     A program serves BLOCK_M rows, so a weight is loaded and unpacked once for all of them (M = 2..4 would
     otherwise read the whole weight once per row). At 2 and 4 bits the codes are read in place (`plane_dot`:
-    a mask and a conversion per weight, an FMA per row); 3-bit codes are combined from their two planes first.
+    an AND and a subtraction per weight, an FMA per row); 3-bit codes are combined from their two planes first.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -145,7 +145,7 @@ def decode_splitk_kernel(
             k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_tile + rm[:, None] * stride_xm + k[None, :],
                         mask=(rm[:, None] < m_rows) & (k[None, :] < K), other=0.0).to(tl.float32)
-            q = load_code_tile(qw_ptr, qh_ptr, k0, offs_n, K, N, BITS, BLOCK_K, False).to(tl.float32)
+            q = exact_float(load_code_tile(qw_ptr, qh_ptr, k0, offs_n, K, N, BITS, BLOCK_K, False))
             dot = tl.sum(x[:, :, None] * q[None, :, :], axis=1)
             xsum = tl.sum(x, axis=1)
         else:

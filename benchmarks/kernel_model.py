@@ -245,9 +245,9 @@ def dense_cublas_us(op: str, gpu: GPU, m: int, n: int, k: int) -> float:
     return fp16_cublas_us(gpu, m, n, k, 4 if op == "grad_scales" else 2)
 
 
-def dense_part_us(op: str, gpu: GPU, m: int, n: int, k: int) -> float:
+def dense_part_us(op: str, gpu: GPU, m: int, n: int, k: int, bits: int) -> float:
     """The cuBLAS product of a launch that takes the dense path (`configs.uses_dense`), 0 otherwise."""
-    if op not in ("forward", "grad_input", "grad_scales") or not uses_dense(op, m, gpu.cc, True):
+    if op not in ("forward", "grad_input", "grad_scales") or not uses_dense(op, m, gpu.cc, True, bits):
         return 0.0
     return dense_cublas_us(op, gpu, m, n, k)
 
@@ -273,8 +273,8 @@ def collect(workers: int = 2) -> list[dict]:
                 rows = [{**model_row(r, gpu, n, k), "kernel": r["kernel"], "config": r["config"],
                          "registers": r["registers"], "shared_bytes": r["shared_bytes"]} for r in reports]
                 # from DENSE_MIN_M rows: forward / dx dequantize then cuBLAS; ds cuBLAS x^T dy then our weighting
-                dense = dense_part_us(op, gpu, m, n, k) > 0
-                ours = sum(r["predicted_us"] for r in rows) + dense_part_us(op, gpu, m, n, k)
+                dense = dense_part_us(op, gpu, m, n, k, bits) > 0
+                ours = sum(r["predicted_us"] for r in rows) + dense_part_us(op, gpu, m, n, k, bits)
                 base = fp16_cublas_us(gpu, m, n, k)
                 main = rows[0]
                 records.append({
@@ -346,7 +346,7 @@ def print_crossover(rows: list[dict]) -> None:
         for m in CROSSOVER_M:
             r = next(x for x in rows if (x["gpu"], x["op"], x["bits"], x["group_size"], x["M"]) == (gpu, op, bits, group, m))
             f, d = r["fp16_us"] / r["fused_us"], r["fp16_us"] / r["dense_us"]
-            dense = uses_dense(op, m, GPUS[gpu].cc, True)
+            dense = uses_dense(op, m, GPUS[gpu].cc, True, bits)
             cells.append(f"{f:.2f}{'*' if not dense else ' '}/{d:.2f}{'*' if dense else ' '}")
         print(f"{gpu:5} {op:11} w{bits}g{group:<5} " + " ".join(f"{c:>13}" for c in cells))
 

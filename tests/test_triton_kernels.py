@@ -112,12 +112,15 @@ def test_one_launch_decode_reduces_in_order_and_resets_its_tickets(poisoned_outp
 @pytest.mark.parametrize("bits,group,dtype", [(3, 128, torch.float16), (2, 64, torch.bfloat16)])
 def test_large_m_dequantize_then_matmul_matches_reference(poisoned_outputs, bits, group, dtype):
     """From DENSE_MIN_M rows, forward and dx dequantize once and multiply densely (cuBLAS on a GPU)."""
-    assert not configs.uses_dense("forward", 4096, 80, True) and configs.uses_dense("grad_input", 4096, 86, True)
-    assert configs.uses_dense("forward", 4096, 120, True)  # a newer GPU takes the newest known rule
-    m = configs.DENSE_MIN_M[("forward", 90)] + 7  # off a GPU the launchers decide as on an H100
+    assert configs.uses_dense("grad_input", 4096, 86, True, bits)
+    assert not configs.uses_dense("forward", 4096, 80, True, 4) and configs.uses_dense("forward", 4096, 80, True, 3)
+    assert configs.uses_dense("forward", 512, 90, True, 2) and not configs.uses_dense("forward", 512, 90, True, 4)
+    assert configs.uses_dense("forward", 4096, 120, True, 4)  # a newer GPU takes the newest known rule
+    assert configs.uses_dense("forward", 1024, 90, True, 8) and not configs.uses_dense("forward", 512, 90, True, 8)
+    m = configs.DENSE_MIN_M[("forward", 90)][bits] + 7  # off a GPU the launchers decide as on an H100
     for op in ("forward", "grad_input"):
-        assert configs.uses_dense(op, m, ops.target_capability(torch.device("cpu")), True)
-        assert not configs.uses_dense(op, m, 90, False)
+        assert configs.uses_dense(op, m, ops.target_capability(torch.device("cpu")), True, bits)
+        assert not configs.uses_dense(op, m, 90, False, bits)
     spec, qweight, qzeros, scales, weight, x, dy = _setup(bits, group, dtype, m, 96, 576)
     bias = torch.randn(96).to(dtype)
     y = ops.forward(x, weight, scales, spec, bias)
@@ -134,8 +137,8 @@ def test_large_m_scale_gradient_from_dense_product_matches_reference(poisoned_ou
     """From DENSE_MIN_M rows ds and dz weight an fp32 x^T dy computed a chunk of whole groups at a time
     (cuBLAS on a GPU); K = 576 leaves a partial last group, and chunks of 1 and 4 groups split K unevenly."""
     m = configs.DENSE_MIN_M[("grad_scales", 90)] + 5
-    assert configs.uses_dense("grad_scales", m, ops.target_capability(torch.device("cpu")), True)
-    assert not configs.uses_dense("grad_scales", m, 90, False)  # fp32 activations keep the fused tiles
+    assert configs.uses_dense("grad_scales", m, ops.target_capability(torch.device("cpu")), True, bits)
+    assert not configs.uses_dense("grad_scales", m, 90, False, bits)  # fp32 activations keep the fused tiles
     spec, qweight, qzeros, scales, weight, x, dy = _setup(bits, group, dtype, m, 96, 576)
     monkeypatch.setattr(ops, "DENSE_GW_BYTES", chunk_groups * 4 * spec.group * 96)
     ds, dz = ops.grad_scales(x, dy, weight, scales, spec, with_zeros=True)

@@ -30,7 +30,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from ..spec import QuantSpec
 from . import ops
-from .configs import BITS_CANDIDATES, CANDIDATES, DECODE_MAX_M, KernelConfig
+from .configs import BITS_CANDIDATES, CANDIDATES, DECODE_MAX_M, KernelConfig, select_config
 
 SM80_MAX_SHARED_BYTES = 166912  # 163 KiB opt-in per block on A100
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -216,14 +216,25 @@ def shipped_cases(bits=(2, 3, 4), acts=("float16", "bfloat16")) -> list[Case]:
 
 def variant_cases(bits=(2, 3, 4)) -> list[Case]:
     """The launchers' own choices across what changes the code: group sizes, fp32 master scales (E2E-QP),
-    the fp32-activation path (`--no-bf16`), decode with M > 1. At M = 4096 fp16/bf16 forward and dx
-    dequantize + cuBLAS (`configs.DENSE_MIN_M`), so the fused large tiles are built at M = 256."""
+    the fp32-activation path (`--no-bf16`), decode with M > 1. Large fp16/bf16 forward and dx take the dense
+    path from `configs.DENSE_MIN_M` rows on the GPU the launchers decide for off a GPU (H100) but not on every
+    GPU (A100 keeps the fused 2/4-bit forward), so at M = 256 the fused large tiles are built with the
+    launcher's config given."""
     n, k = SHAPE
     ops_m = [("forward", 1), ("forward", 4), ("forward", 16), ("forward", 256), ("grad_input", 256),
              ("forward", 4096), ("grad_scales", 4096)]
     variants = [dict(group_size=32), dict(group_size=64), dict(group_size=-1),
                 dict(act="bfloat16", scales="float32"), dict(act="float32", scales="float32")]
-    return [Case(op, m, n, k, b, **v) for op, m in ops_m for b in bits for v in variants]
+    cases = []
+    for op, m in ops_m:
+        for b in bits:
+            for v in variants:
+                fused = None
+                if m == 256:
+                    group, exact = v.get("group_size", 128), v.get("act") == "float32"
+                    fused = select_config("gemm" if op == "forward" else op, m, n, k, b, group, exact)
+                cases.append(Case(op, m, n, k, b, config=fused, **v))
+    return cases
 
 
 def _build_rows(job: tuple) -> list[dict]:

@@ -16,21 +16,26 @@ from dataclasses import dataclass
 # 0.9-2.0x. The fragment-order GEMM wins from M = 2, at 3 bits from M = 1 (`decode_max_m`).
 DECODE_MAX_M = 4
 # fp16/bf16 forward and dx from this many rows dequantize the weight once (one pass over N x K) and let
-# cuBLAS multiply; None: never. Per (op, architecture), from the crossover that benchmarks/kernel_model.py
-# PREDICTS on 4096 x 4096 (docs/RESULTS.md): on H100 the fused tiles are issue-bound (0.2-0.6x fp16
-# cuBLAS) and dense wins from M = 1024 (forward) / 512 (dx); on A100 the fused forward stays at the tensor
-# roofline, dense dx wins from 512. An unknown architecture takes the rule of the newest one below it.
-DENSE_MIN_M: dict[tuple[str, int], int | None] = {
-    ("forward", 80): None, ("grad_input", 80): 512, ("grad_scales", 80): 256,
-    ("forward", 90): 1024, ("grad_input", 90): 512, ("grad_scales", 90): 256,
+# cuBLAS multiply (ds: cuBLAS's fp32 x^T dy, weighted per group by our kernel); None: never. Per (op,
+# architecture), and per bit-width where they differ, from the crossover that benchmarks/kernel_model.py
+# PREDICTS on 4096 x 4096 with issue slots per pipe (docs/RESULTS.md; from M = 256 the fused tiles are the
+# M = 4096 ones): on H100 the fused forward is int-pipe bound at 2/3 bits (0.26-0.41x fp16 cuBLAS at M = 256
+# and 512 against 0.44-0.57x dense) and wins at 4 bits up to 512 (0.59-0.60x vs 0.48-0.57x); on A100 the
+# fused 2/4-bit forward stays at the tensor roofline, 3 bits lose from 1024 (0.70x vs 0.84x); dense dx
+# wins from 256 on both. An unknown architecture takes the rule of the newest one below it.
+DENSE_MIN_M: dict[tuple[str, int], int | None | dict[int, int | None]] = {
+    ("forward", 80): {2: None, 3: 1024, 4: None}, ("grad_input", 80): 256, ("grad_scales", 80): 256,
+    ("forward", 90): {2: 256, 3: 256, 4: 1024}, ("grad_input", 90): 256, ("grad_scales", 90): 256,
 }
 
 
-def uses_dense(op: str, m: int, capability: int, dtype_is_half: bool) -> bool:
-    """Whether `op` (forward / grad_input) at `m` rows on compute capability `capability` (e.g. 90) takes the
-    dequantize + cuBLAS path; fp32 activations keep the exact fused FMA tiles."""
+def uses_dense(op: str, m: int, capability: int, dtype_is_half: bool, bits: int) -> bool:
+    """Whether `op` (forward / grad_input / grad_scales) at `m` rows of `bits`-bit weights on compute capability
+    `capability` (e.g. 90) takes the dense path; fp32 activations keep the exact fused FMA tiles."""
     known = [cc for o, cc in DENSE_MIN_M if o == op and cc <= capability] or [min(cc for _, cc in DENSE_MIN_M)]
     threshold = DENSE_MIN_M[(op, max(known))]
+    if isinstance(threshold, dict):  # per bit-width; a width without a rule (8 bits) takes the widest one's
+        threshold = threshold.get(bits, threshold[max(threshold)])
     return dtype_is_half and threshold is not None and m >= threshold
 
 

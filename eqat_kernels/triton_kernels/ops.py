@@ -147,7 +147,8 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
     x2 = check_activation(x, spec, spec.in_features, "x")
     check_packed(weight, scales, spec, x.device)
     m, n, k = x2.shape[0], spec.out_features, spec.in_features
-    if config is None and uses_dense("forward", m, target_capability(x.device), x.dtype != torch.float32):
+    half = x.dtype != torch.float32
+    if config is None and uses_dense("forward", m, target_capability(x.device), half, spec.bits):
         y = dense_matmul(x2, dequantize(weight, scales, spec, x.dtype).t())
         if bias is not None:
             y += bias.to(y.dtype)
@@ -193,7 +194,8 @@ def grad_input(dy, weight: KernelWeight, scales, spec: QuantSpec, config: Kernel
     dy2 = check_activation(dy, spec, spec.out_features, "dy")
     check_packed(weight, scales, spec, dy.device)
     m, n, k = dy2.shape[0], spec.out_features, spec.in_features
-    if config is None and uses_dense("grad_input", m, target_capability(dy.device), dy.dtype != torch.float32):
+    half = dy.dtype != torch.float32
+    if config is None and uses_dense("grad_input", m, target_capability(dy.device), half, spec.bits):
         return dense_matmul(dy2, dequantize(weight, scales, spec, dy.dtype)).reshape(*dy.shape[:-1], k)
     dx = _output(m, k, dtype=dy.dtype, device=dy.device)
     if m:
@@ -221,7 +223,8 @@ def grad_scales(x, dy, weight: KernelWeight, scales, spec: QuantSpec, with_zeros
     m, n, k = x2.shape[0], spec.out_features, spec.in_features
     ds = _output(spec.num_groups, n, dtype=torch.float32, device=x.device)
     dz = _output(spec.num_groups, n, dtype=torch.float32, device=x.device) if with_zeros else ds
-    dense = config is None and uses_dense("grad_scales", m, target_capability(x.device), x.dtype != torch.float32)
+    half = x.dtype != torch.float32
+    dense = config is None and uses_dense("grad_scales", m, target_capability(x.device), half, spec.bits)
     cfg = config or _select(x.device, "grad_scales_dense" if dense else "grad_scales", m, n, k, spec.bits,
                             spec.group, x.dtype == torch.float32)
 

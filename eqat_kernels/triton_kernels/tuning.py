@@ -38,13 +38,13 @@ def warmup(weight: ops.KernelWeight, scales: torch.Tensor, spec: QuantSpec, m_va
         dy = torch.randn(m, spec.out_features, dtype=dtype, device=scales.device)
         cc, half = ops.target_capability(scales.device), dtype != torch.float32
         # forward, dx and ds run none of the tuned tiles where they take their dense paths
-        jobs = [] if uses_dense("forward", m, cc, half) else [
+        jobs = [] if uses_dense("forward", m, cc, half, spec.bits) else [
             ("decode" if m <= decode_max_m(spec.bits, spec.group, half) else "gemm",
              lambda c: ops.forward(x, weight, scales, spec, config=c))]
         if backward:
-            if not uses_dense("grad_input", m, cc, half):
+            if not uses_dense("grad_input", m, cc, half, spec.bits):
                 jobs += [("grad_input", lambda c: ops.grad_input(dy, weight, scales, spec, config=c))]
-            if not uses_dense("grad_scales", m, cc, half):
+            if not uses_dense("grad_scales", m, cc, half, spec.bits):
                 jobs += [("grad_scales", lambda c: ops.grad_scales(x, dy, weight, scales, spec, config=c))]
         for kernel, run in jobs:
             exact = dtype == torch.float32

@@ -197,3 +197,15 @@ def test_fragment_order_gemm_matches_reference(poisoned_outputs, bits, group, dt
     bias = torch.randn(n).to(dtype)
     y = ops.forward(x, weight, scales, spec, bias)
     assert rel_err(y, reference.forward(x.double(), qweight, qzeros, scales, spec, bias.double())) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (2, 64), (3, 128)])
+def test_fragment_order_gemm_whole_tiles(poisoned_outputs, bits, group):
+    """K a multiple of the K tile (every real layer) drops the feature masks; several K ranges still add up."""
+    m, n, k = 5, 160, 1024
+    spec, qweight, qzeros, scales, weight, x, _ = _setup(bits, group, torch.float16, m, n, k)
+    cfg = configs.select_config("gemm", m, n, k, bits, group)
+    bk = configs.gemm_tiling(bits, cfg.block_m, cfg.block_k, spec.group, True)[0]
+    assert k % bk == 0 and configs.uses_fragment_order(bits, cfg.block_m, cfg.block_k, spec.group, True)
+    y = ops.forward(x, weight, scales, spec)
+    assert rel_err(y, reference.forward(x.double(), qweight, qzeros, scales, spec)) < TOLERANCE[torch.float16]

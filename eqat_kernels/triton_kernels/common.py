@@ -250,23 +250,25 @@ def _code_pair(words, high, p: tl.constexpr, BITS: tl.constexpr, DT: tl.constexp
 
 @triton.jit
 def magic_codes(qw_ptr, qh_ptr, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
-                INTERPRETED_BF16: tl.constexpr):
+                INTERPRETED_BF16: tl.constexpr, EVEN_K: tl.constexpr):
     """[BN, BLOCK_K] `magic_value(DT) + code` for features k0..k0+BLOCK_K of 2-, 3- or 4-bit codes, K in fragment
     order (`fragment_order`; 3-bit codes in the 2-bit plane's). BLOCK_K must hold a multiple of 4 words per column
     (of the low plane at 3 bits). INTERPRETED_BF16: Triton 3.9's CPU interpreter bitcasts uint16 to bf16 wrongly
     (denormals) and computes bf16 arithmetic wrongly, so there the same values come back in fp32 (exact: small
     integers). 3 bits: each low-plane word's 16 high bits are the int16 at the same index of the high plane,
-    spread once per word so that pair p's sit at bits p and p + 16."""
+    spread once per word so that pair p's sit at bits p and p + 16. EVEN_K: every word of the tile exists."""
     PB: tl.constexpr = 2 if BITS == 3 else BITS
     PER: tl.constexpr = 32 // PB
     WORDS: tl.constexpr = BLOCK_K // PER
     BN: tl.constexpr = offs_n.shape[0]
     rows = k0 // PER + tl.arange(0, WORDS)
-    words = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None],
-                    mask=(rows[None, :] < K // PER) & (offs_n[:, None] < N), other=0).to(tl.uint32, bitcast=True)
+    if EVEN_K:
+        mask = offs_n[:, None] < N
+    else:
+        mask = (rows[None, :] < K // PER) & (offs_n[:, None] < N)
+    words = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None], mask=mask, other=0).to(tl.uint32, bitcast=True)
     if BITS == 3:
-        high = tl.load(qh_ptr + rows[None, :] * N + offs_n[:, None],
-                       mask=(rows[None, :] < K // PER) & (offs_n[:, None] < N), other=0)
+        high = tl.load(qh_ptr + rows[None, :] * N + offs_n[:, None], mask=mask, other=0)
         high = high.to(tl.uint16, bitcast=True).to(tl.uint32)
         high = high | (high << 8)  # code p + 8h's high bit: bit p + 8h -> also p + 16h (bits 8-15: never read)
     else:

@@ -49,7 +49,7 @@ def gemm_fwd_kernel(
     x_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K, stride_xm, stride_ym,
     K_PER_SPLIT, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FRAGMENT: tl.constexpr, SUB_K: tl.constexpr,
+    FRAGMENT: tl.constexpr, SUB_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """y[M, N] = x[M, K] @ W_hat^T (+ bias), tiled tl.dot with W dequantized in registers.
 
@@ -60,7 +60,8 @@ def gemm_fwd_kernel(
     become floats by the magic number (`common.magic_codes`), K in fragment order on both sides, and the
     scale multiplies each tile's fp32 product (one FMA per output, not one multiply per weight). A FRAGMENT K
     tile may hold several groups: it runs as BLOCK_K / SUB_K sub-tiles of one group each (`configs.gemm_tiling`),
-    so a small group (w2g64) does not pay a whole iteration's fixed costs per 64 features.
+    so a small group (w2g64) does not pay a whole iteration's fixed costs per 64 features. EVEN_K (K a multiple
+    of BLOCK_K, as in every real layer): no feature masks in the loop (at w2g64 M = 16 they were a tenth of it).
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -85,15 +86,19 @@ def gemm_fwd_kernel(
             for j in tl.static_range(BLOCK_K // SUB_K):
                 ks = k0 + j * SUB_K
                 k = ks + offs_s
-                xt = tl.load(x_tile + rm[None, :] * stride_xm + k[:, None],
-                             mask=(offs_m[None, :] < M) & (k[:, None] < K), other=0.0)
+                if EVEN_K:
+                    xt = tl.load(x_tile + rm[None, :] * stride_xm + k[:, None], mask=offs_m[None, :] < M, other=0.0)
+                    gi = ks // GROUP
+                else:
+                    xt = tl.load(x_tile + rm[None, :] * stride_xm + k[:, None],
+                                 mask=(offs_m[None, :] < M) & (k[:, None] < K), other=0.0)
+                    # a sub-tile past K (the last tile of several groups) reads the last group's scale and zero
+                    # point: in bounds, and its activations are masked to 0
+                    gi = tl.minimum(ks, K - 1) // GROUP
                 xt = fragment_order(xt, BITS)
-                # a sub-tile past K (the last tile of several groups) reads the last group's scale and zero
-                # point: in bounds, and its activations are masked to 0
-                gi = tl.minimum(ks, K - 1) // GROUP
                 # q - z, exact in fp16/bf16; masked words read as code 0, their activations are masked to 0
                 z = load_zeros(qz_ptr, gi, offs_n, N, BITS)
-                w = magic_codes(qw_ptr, qh_ptr, ks, offs_n, K, N, BITS, SUB_K, xt.dtype, UPCAST)
+                w = magic_codes(qw_ptr, qh_ptr, ks, offs_n, K, N, BITS, SUB_K, xt.dtype, UPCAST, EVEN_K)
                 if UPCAST:  # the interpreter's codes come in fp32 (its bf16 conversions are wrong); exact
                     w = w - (z.to(tl.float32) + magic_value(xt.dtype))[:, None]
                 else:  # broadcast, then add: (z + magic)[:, None] made the compiler swap every pair's halves twice

@@ -183,7 +183,7 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
             x2, *weight, scales, y if bias is None else bias, y, ws, _tickets(x.device, tiles), m, n, k,
             x2.stride(0), y.stride(0), k_per_split, GROUP=spec.group, BITS=spec.bits, HAS_BIAS=bias is not None,
             **_dot_args(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
-            GROUP_M=cfg.group_m, FRAGMENT=fragment, SUB_K=sub_k,
+            GROUP_M=cfg.group_m, FRAGMENT=fragment, SUB_K=sub_k, EVEN_K=k % bk == 0,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return y.reshape(*x.shape[:-1], n)

@@ -113,8 +113,13 @@ def main_loop(instrs: list[tuple]) -> list[tuple]:
     return [i for i in instrs if start <= i[0] <= end]
 
 
+def class_counts(instrs: list[tuple]) -> Counter:
+    """Instructions per class of the mix (`CLASSES`; anything else is "other")."""
+    return Counter(CLASSES.get(op, "other") for _, op, _, _ in instrs)
+
+
 def mix(loop: list[tuple]) -> dict[str, int]:
-    counts = Counter(CLASSES.get(op, "other") for _, op, _, _ in loop)
+    counts = class_counts(loop)
     widths = Counter(f"LDG{mod}" for _, op, mod, _ in loop if op == "LDG")
     return {"total": len(loop), **counts, **{k.replace(".", "_"): v for k, v in widths.items()}}
 
@@ -178,9 +183,8 @@ def model_row(report: dict, gpu: GPU, n: int, k: int) -> dict:
         programs, iters = 1, 1
     body_instrs = loop or instrs
     loop_at = {i[0] for i in loop}
-    classes = lambda seq: Counter(CLASSES.get(op, "other") for _, op, _, _ in seq)  # noqa: E731
-    body, issue_bound = issue_slots(classes(body_instrs), gpu)
-    other = issue_slots(classes([i for i in instrs if i[0] not in loop_at]), gpu)[0] if loop else 0
+    body, issue_bound = issue_slots(class_counts(body_instrs), gpu)
+    other = issue_slots(class_counts([i for i in instrs if i[0] not in loop_at]), gpu)[0] if loop else 0
     slots = programs * threads * (iters * body + other)
     # occupancy: resident programs per SM from registers, threads and shared memory
     regs = max(report["registers"], 1)

@@ -81,15 +81,10 @@ MAGIC_F32_VALUE = tl.constexpr(8388608.0)
 
 
 @triton.jit
-def magic_f32(q):
-    """The float 2^23 + q of non-negative integers q < 2^23 (int32/uint32), by one OR and a bitcast."""
-    return (q | MAGIC_F32).to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def exact_float(q):
-    """float(q) for integers 0 <= q < 2^23 without a conversion instruction: an OR and an fp32 subtraction."""
-    return magic_f32(q) - MAGIC_F32_VALUE
+    """float(q) for integers 0 <= q < 2^23 (int32/uint32) without a conversion instruction: an OR under the
+    exponent of 2^23, a bitcast, and an fp32 subtraction."""
+    return (q | MAGIC_F32).to(tl.float32, bitcast=True) - MAGIC_F32_VALUE
 
 
 @triton.jit
@@ -99,7 +94,7 @@ def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BI
     (rows from `m_rows` on are masked) of a plane whose codes never straddle words: `[BLOCK_M, BN]`, `[BLOCK_M]`.
 
     Field j of a word is read in place, never shifted down to bit 0. One row (decode proper): under the fp32
-    magic exponent (`magic_f32`) each 16-bit half of a word is the float 2^23 + half, and AND-ing one field's
+    magic exponent (`MAGIC_F32`) each 16-bit half of a word is the float 2^23 + half, and AND-ing one field's
     mask with the exponent bits leaves 2^23 + code * 2^(BITS*(j % HALF)), exact; a subtraction makes it the
     scaled code, so a weight costs an AND, a subtraction and an FMA and no int -> float conversion (those run
     at an eighth of the issue rate); x is scaled by 2^-(BITS*(j % HALF)) instead (exact), and every field
@@ -128,11 +123,11 @@ def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BI
         # (k0 >> 31 is 0 at run time, but the compiler cannot know it: with a known magic it merges the OR into
         # every field's AND, a three-input LOP3 whose constant register ptxas re-creates for each field)
         magic = (tl.full((), MAGIC_F32, tl.int32) | (k0 >> 31)).to(tl.uint32, bitcast=True)
-        lower = ((words & 0xFFFF) | magic).to(tl.float32, bitcast=True)
-        upper = ((words >> 16) | magic).to(tl.float32, bitcast=True)
+        lower = (words & 0xFFFF) | magic
+        upper = (words >> 16) | magic
         for j in tl.static_range(PER):
             half = lower if j < HALF else upper
-            field = half.to(tl.uint32, bitcast=True) & (MAGIC_F32 | (((1 << BITS) - 1) << (BITS * (j % HALF))))
+            field = half & (MAGIC_F32 | (((1 << BITS) - 1) << (BITS * (j % HALF))))
             part += xs[j][:, None] * (field.to(tl.float32, bitcast=True) - MAGIC_F32_VALUE)
         dot = tl.sum(part, axis=0)[None, :]
         xsum = tl.zeros((1,), dtype=tl.float32) + tl.sum(tl.sum(x, axis=1), axis=0)

@@ -114,7 +114,9 @@ CANDIDATES: dict[str, list[tuple[int | None, list[KernelConfig]]]] = {
                             KernelConfig(64, 128, 32, 4, 2)])],
     # the dense scale-gradient path's weighting of cuBLAS's fp32 x^T dy (`grad_scales_kernel` with DENSE_GW)
     "grad_scales_dense": [(None, [KernelConfig(1, 128, 32, 4, 2)])],
-    "dequantize": [(None, [KernelConfig(1, 64, 64)])],
+    # 128 x 64 tiles: twice the codes in flight per program of 64 x 64 (PREDICTED H100 w2g64 4096^2 dense forward
+    # 0.89 -> 0.91x fp16 cuBLAS: latency efficiency 0.77 -> 1.0, docs/RESULTS.md); a tile stays inside one group
+    "dequantize": [(None, [KernelConfig(1, 128, 64)])],
 }
 
 # fp32 activations (`--no-bf16`, exact fp32 products): tl.dot lowers to FMA with each thread holding whole

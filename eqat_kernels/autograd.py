@@ -15,7 +15,8 @@ from .spec import QuantSpec
 
 
 class ComputePath(Protocol):
-    def forward(self, x: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+    def forward(self, x: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                keep_for_backward: bool = False) -> torch.Tensor: ...
     def grad_input(self, dy: torch.Tensor, scales: torch.Tensor) -> torch.Tensor: ...
     def grad_scales(self, x: torch.Tensor, dy: torch.Tensor, scales: torch.Tensor) -> torch.Tensor: ...
 
@@ -28,7 +29,7 @@ class TritonPath:
 
         self.ops, self.weight, self.spec = ops, weight, spec
 
-    def forward(self, x, scales, bias):
+    def forward(self, x, scales, bias, keep_for_backward=False):
         return self.ops.forward(x, self.weight, scales, self.spec, bias)
 
     def grad_input(self, dy, scales):
@@ -51,10 +52,10 @@ class ReferencePath:
             return self._held[1]
         return reference.scale_codes(self.cmz, scales, self.spec, dtype)
 
-    def forward(self, x, scales, bias):
+    def forward(self, x, scales, bias, keep_for_backward=False):
         w = self._weight(scales, x.dtype)
-        # Keep W_hat for the backward only while training (one tensor per layer, freed by grad_input).
-        self._held = ((scales.data_ptr(), scales._version, x.dtype), w) if torch.is_grad_enabled() else None
+        # Keep W_hat for dx only when a backward will ask for it (one tensor per layer, freed by grad_input).
+        self._held = ((scales.data_ptr(), scales._version, x.dtype), w) if keep_for_backward else None
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     def grad_input(self, dy, scales):
@@ -71,7 +72,8 @@ class QuantLinearFunction(torch.autograd.Function):
     def forward(ctx, x, scales, bias, path: ComputePath):
         ctx.save_for_backward(x, scales)
         ctx.path = path
-        return path.forward(x, scales, bias)
+        # grad mode is off inside an autograd Function's forward: whether dx will be asked for is needs_input_grad
+        return path.forward(x, scales, bias, keep_for_backward=ctx.needs_input_grad[0])
 
     @staticmethod
     def backward(ctx, dy):

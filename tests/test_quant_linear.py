@@ -101,6 +101,23 @@ def test_cpu_cache_follows_scale_updates():
     assert rel_err(y1, 2 * (y0 - packed.bias) + packed.bias) < 1e-2
 
 
+def test_cpu_training_step_builds_w_hat_once(monkeypatch):
+    """A training forward keeps its W_hat for dx (grad mode is off inside the autograd Function, so the
+    decision must come from needs_input_grad)."""
+    _, packed = _packed_pair(2, 64)
+    packed.backend = "reference"
+    packed.train_scales()
+    calls = []
+    real = reference.scale_codes
+    monkeypatch.setattr(reference, "scale_codes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(2, 5, 576, requires_grad=True)
+    packed(x).pow(2).sum().backward()
+    assert len(calls) == 1 and x.grad is not None and packed.scales.grad is not None
+    with torch.no_grad():
+        packed(x)
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_sequential_drop_in_outputs_and_gradients(backend):
     torch.manual_seed(1)

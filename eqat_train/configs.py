@@ -58,6 +58,8 @@ class RunConfig:
     gen_temperature: float = option(SelfGenConfig.temperature, "self-generation: sampling temperature (above 1 the "
                                                                "fp model writes less typical text; docs/RESULTS.md)")
     gen_top_k: int = option(SelfGenConfig.top_k, "self-generation: tokens sampled from at each step (the k most likely)")
+    gen_chat_fraction: float = option(SelfGenConfig.chat_fraction, "self-generation: share of windows cut from "
+                                                                   "conversations (chat models; the rest plain text)")
 
     @property
     def held_out_windows(self) -> int:
@@ -74,7 +76,7 @@ class RunConfig:
     @property
     def sampling(self) -> dict:
         """The self-generation settings a run chooses (`SelfGenConfig` fields)."""
-        return {"temperature": self.gen_temperature, "top_k": self.gen_top_k}
+        return {"temperature": self.gen_temperature, "top_k": self.gen_top_k, "chat_fraction": self.gen_chat_fraction}
 
 
 # ----- CLI generation ------------------------------------------------------------------------------------

@@ -92,6 +92,7 @@ CASES = [
     ("zero calibration windows", lambda c: RunConfig(calib_windows=0), ValueError, r"at least one window"),
     ("zero sampling temperature", lambda c: RunConfig(gen_temperature=0.0), ValueError, r"positive finite temperature"),
     ("zero top-k", lambda c: RunConfig(gen_top_k=0), ValueError, r"top_k >= 1"),
+    ("chat share above 1", lambda c: RunConfig(gen_chat_fraction=1.5), ValueError, r"chat_fraction must be in \[0, 1\]"),
     ("window length 1", lambda c: data.tokenize_windows(c["tok"], "text", 1), ValueError, r"seq_len must be at least 2"),
     ("missing model path", lambda c: models.resolve_source(str(c["tmp"] / "nope.gguf")), FileNotFoundError,
      r"does not exist"),

@@ -172,7 +172,7 @@ def test_later_chat_batches_sample_only_the_conversations_still_needed():
 
 
 def test_run_sampling_settings_reach_self_generation(tiny, monkeypatch):
-    """--gen-temperature / --gen-top-k become the SelfGenConfig that draws (and keys the cache of) the set."""
+    """--gen-temperature / --gen-top-k / --gen-chat-fraction become the SelfGenConfig that draws (and keys the cache of) the set."""
     from eqat_train import selfgen
     from eqat_train.configs import RunConfig
 
@@ -180,8 +180,9 @@ def test_run_sampling_settings_reach_self_generation(tiny, monkeypatch):
     monkeypatch.setattr(selfgen, "generate_calibration",
                         lambda model, tok, cfg, progress=True: seen.append(cfg) or torch.zeros(cfg.sequences, 16,
                                                                                                dtype=torch.long))
-    run = RunConfig(gen_temperature=1.7, gen_top_k=7)
+    run = RunConfig(gen_temperature=1.7, gen_top_k=7, gen_chat_fraction=0.25)
     data.calibration_split("self", *tiny, 16, 2, 3, 1, sampling=run.sampling)
-    assert (seen[0].temperature, seen[0].top_k, seen[0].sequences) == (1.7, 7, 4)
+    assert (seen[0].temperature, seen[0].top_k, seen[0].chat_fraction, seen[0].sequences) == (1.7, 7, 0.25, 4)
     data.calibration_split("self", *tiny, 16, 2, 3, 1)
-    assert (seen[1].temperature, seen[1].top_k) == (SelfGenConfig.temperature, SelfGenConfig.top_k)
+    assert (seen[1].temperature, seen[1].top_k, seen[1].chat_fraction) == (
+        SelfGenConfig.temperature, SelfGenConfig.top_k, SelfGenConfig.chat_fraction)

@@ -8,9 +8,9 @@ Differences from the published recipe, each an option measured in the README:
 * loss: "token" normalises each token's squared error by its target's energy, so the few attention-sink
   tokens with |h| ~ 22,800 do not drown the rest; "mse" is the published plain MSE;
 * init: the published min-max start leaves ~64 steps too little to undo its rounding error; "clip_act"
-  (default at 2 and 3 bits; 4 bits keep min-max, measured better there) shrinks each group's range to
-  the one that minimises the rounding error weighted by the mean-squared input of each input feature on
-  calibration windows, ~30% lower held-out block error;
+  (the default) shrinks each group's range to the one that minimises the rounding error weighted by the
+  mean-squared input of each input feature on calibration windows, ~30% lower held-out block error at
+  2 bits and a closer model at every bit-width (docs/RESULTS.md);
 * a block whose held-out loss ends above its start keeps its start (small calibration sets overfit);
 * bf16 autocast on CPU (fp32 master parameters), ~4x faster matmuls.
 """
@@ -40,11 +40,6 @@ DEFAULT_LR_SCALES = {2: (200.0, 25.0), 3: (100.0, 6.0), 4: (50.0, 2.0)}
 DEFAULT_EPOCHS = {2: 1, 3: 2, 4: 2}
 
 
-def default_init(bits: int) -> str:
-    """`clip_act` at 2 and 3 bits; at 4 bits min-max trained to a better model on both texts (README)."""
-    return "minmax" if bits >= 4 else "clip_act"
-
-
 @dataclass
 class BlockAPConfig(BlockwiseConfig):
     """Block-AP: every weight, scale and zero point of a block trained to reproduce the fp block's output."""
@@ -63,9 +58,8 @@ class BlockAPConfig(BlockwiseConfig):
                                                 "bit-width, the second of each pair above)")
     loss: str = option("token", "Block-AP loss: token (each token's squared error over its target's energy) or "
                                 "mse (published)", choices=("token", "mse"))
-    init: str | None = option(None, "Block-AP start: clip_act (per-group clip search weighted by input energy; "
-                                    "default at 2/3 bits), clip (unweighted), minmax (published; default at 4 bits)",
-                              choices=INITS)
+    init: str = option("clip_act", "Block-AP start: clip_act (per-group clip search weighted by input energy), "
+                                   "clip (unweighted), minmax (published)", choices=INITS)
     train_norms: bool = option(True, "also train the block's norm weights (with the weight learning rate)")
 
     def __post_init__(self):
@@ -83,8 +77,6 @@ class BlockAPConfig(BlockwiseConfig):
                 raise ValueError(f"Block-AP {name} must be a positive number, got {value}")
         if self.loss not in ("token", "mse"):
             raise ValueError(f"loss must be 'token' or 'mse', got {self.loss!r}")
-        if self.init is None:
-            self.init = default_init(self.bits)
         if self.epochs is None:
             self.epochs = DEFAULT_EPOCHS.get(self.bits, 1)
         if self.init not in INITS:

@@ -32,7 +32,8 @@ LOSSES = ("kl", "ce")
 # the scales need larger steps. Measured on SmolLM2 (docs/RESULTS.md, "E2E-QP design evidence").
 DEFAULT_LR_SCALE = {2: 20.0, 3: 50.0, 4: 20.0, 8: 20.0}
 # Normalisation weights trained alongside the scales, at this multiple of their lr (0: scales only). On the
-# validation text x10 lowered KL to the fp model at 2 bits and raised it at 4 (docs/RESULTS.md); 3 unmeasured.
+# validation text x10 lowered KL to the fp model at 2 bits and raised it at 3 and 4; x1 at 3 bits changed nothing
+# (docs/RESULTS.md).
 DEFAULT_NORM_LR_SCALE = {2: 10.0}
 
 

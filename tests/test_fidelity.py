@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from eqat_train import data, fidelity, models
+from eqat_train import data, fidelity, models, selfgen
 from eqat_train.checkpoint import load_quantized
 from eqat_train.selfgen import SelfGenConfig, generate_calibration
 
@@ -169,6 +169,15 @@ def test_later_chat_batches_sample_only_the_conversations_still_needed():
     assert selfgen.CHAT_ROWS_MIN <= rows < 8
     assert rows * 17_063 / 64 >= need - 17_063  # enough at the mean length
     assert selfgen._chat_rows(cfg, 1_000, need, 64) == cfg.batch_size  # short conversations: never past a batch
+
+
+def test_self_generation_window_counts_follow_the_chat_share():
+    cfg = SelfGenConfig(sequences=132, seq_len=512)  # the default run: 66 plain would leave a batch of 2
+    assert selfgen.window_counts(cfg, chat=True) == (64, 68)
+    assert selfgen.window_counts(SelfGenConfig(sequences=132, seq_len=512, chat_fraction=0.25), chat=True) == (99, 33)
+    assert selfgen.window_counts(SelfGenConfig(sequences=132, seq_len=512, chat_fraction=0.0), chat=True) == (132, 0)
+    assert selfgen.window_counts(cfg, chat=False) == (132, 0)
+    assert selfgen.window_counts(SelfGenConfig(sequences=40, seq_len=512), chat=True) == (20, 20)
 
 
 def test_run_sampling_settings_reach_self_generation(tiny, monkeypatch):

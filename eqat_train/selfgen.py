@@ -156,7 +156,6 @@ def _until(tokens: list[int], eos: int, keep_end: bool = False) -> list[int]:
     return tokens[:tokens.index(eos) + int(keep_end)] if eos in tokens else tokens
 
 
-@torch.no_grad()
 def window_counts(cfg: SelfGenConfig, chat: bool) -> tuple[int, int]:
     """(plain, chat) windows: `chat_fraction` of them from conversations (none without a chat template), except
     that a trailing plain batch of at most 1/8 of `batch_size` rows goes to the conversations instead (a
@@ -168,6 +167,7 @@ def window_counts(cfg: SelfGenConfig, chat: bool) -> tuple[int, int]:
     return cfg.sequences - n_chat, n_chat
 
 
+@torch.no_grad()
 def generate_calibration(model: nn.Module, tokenizer, cfg: SelfGenConfig,
                          cache_dir: Path | None = None, progress: bool = True) -> torch.Tensor:
     """`[cfg.sequences, cfg.seq_len]` token windows written by `model`, cached and resumable."""

@@ -98,7 +98,6 @@ def test_evaluation_and_calibration_overlap_is_named(tiny_model_dir, tmp_path, c
 
 
 def test_self_generated_calibration_is_cached_resumable_and_tied_to_its_model(tiny, tmp_path, monkeypatch):
-    from eqat_train import selfgen
 
     model, tok = tiny
     tok = copy.deepcopy(tok)
@@ -142,7 +141,6 @@ def test_self_generated_calibration_is_cached_resumable_and_tied_to_its_model(ti
 
 
 def test_gumbel_top_k_draws_the_top_k_softmax_at_its_temperature():
-    from eqat_train import selfgen
 
     cfg = SelfGenConfig(sequences=1, seq_len=8, top_k=3, temperature=0.7)
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0, -4.0]])
@@ -159,7 +157,6 @@ def test_gumbel_top_k_draws_the_top_k_softmax_at_its_temperature():
 
 
 def test_later_chat_batches_sample_only_the_conversations_still_needed():
-    from eqat_train import selfgen
 
     cfg = SelfGenConfig(sequences=68, seq_len=512)  # the default run: 34 chat windows
     need = 34 * 512
@@ -181,8 +178,8 @@ def test_self_generation_window_counts_follow_the_chat_share():
 
 
 def test_run_sampling_settings_reach_self_generation(tiny, monkeypatch):
-    """--gen-temperature / --gen-top-k / --gen-chat-fraction become the SelfGenConfig that draws (and keys the cache of) the set."""
-    from eqat_train import selfgen
+    """--gen-temperature / --gen-top-k / --gen-chat-fraction become the SelfGenConfig that draws (and keys the cache
+    of) the set."""
     from eqat_train.configs import RunConfig
 
     seen = []

@@ -159,7 +159,7 @@ def _until(tokens: list[int], eos: int, keep_end: bool = False) -> list[int]:
 def window_counts(cfg: SelfGenConfig, chat: bool) -> tuple[int, int]:
     """(plain, chat) windows: `chat_fraction` of them from conversations (none without a chat template), except
     that a trailing plain batch of at most 1/8 of `batch_size` rows goes to the conversations instead (a
-    batch of 2 rows takes nearly as long as one of 64 on CPU)."""
+    batch of a few rows samples slowly)."""
     n_chat = round(cfg.sequences * cfg.chat_fraction) if chat else 0
     trailing = (cfg.sequences - n_chat) % cfg.batch_size
     if n_chat and cfg.sequences - n_chat > cfg.batch_size and trailing <= cfg.batch_size // 8:

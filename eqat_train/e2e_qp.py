@@ -41,7 +41,8 @@ DEFAULT_NORM_LR_SCALE = {2: 10.0}
 class E2EConfig:
     """E2E-QP: steps x batch_size x grad_accum examples (calibration windows, or an instruction JSONL)."""
 
-    steps: int = option(64, "E2E-QP optimizer steps (64 vs 24: licences ratio 5.56 vs 6.39 at w2g64, docs/RESULTS.md)")
+    steps: int | None = option(None, "E2E-QP optimizer steps (default: one pass over the examples, 64 at the default "
+                                     "128 windows; more passes overfit them at w2g64, docs/RESULTS.md)")
     batch_size: int = option(1, "E2E-QP examples per micro-batch per process")
     grad_accum: int = option(2, "E2E-QP micro-batches per step")
     lr: float | None = option(None, "E2E-QP learning rate (default: published lr x lr_scale)")
@@ -62,7 +63,7 @@ class E2EConfig:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"E2E-QP loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.save_every < 1:
+        if (self.steps is not None and self.steps < 1) or self.batch_size < 1 or self.grad_accum < 1 or self.save_every < 1:
             raise ValueError("E2E-QP needs steps, batch_size, grad_accum and save_every >= 1")
         if self.norm_lr_scale is not None and not (self.norm_lr_scale >= 0 and math.isfinite(self.norm_lr_scale)):
             raise ValueError(f"E2E-QP norm_lr_scale must be a number >= 0, got {self.norm_lr_scale}")
@@ -165,6 +166,7 @@ class E2ETrainer:
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
         if len(examples) < self.global_batch:
             raise ValueError(f"E2E-QP global batch is {self.global_batch} examples but only {len(examples)} were given")
+        self.steps = cfg.steps if cfg.steps is not None else len(examples) // self.global_batch
         self.scales = trainable_scales(model)
         self.bits = model_bits(model)
         if self.bits is None and cfg.lr is None:
@@ -197,8 +199,8 @@ class E2ETrainer:
 
     def settings(self) -> dict:
         """The config as this run resolved it (learning rate included), for the fingerprint and the checkpoint."""
-        return {**self.cfg.as_dict(), "lr": self.lr, "norm_lr_scale": self.norm_lr_scale, "bf16": self.bf16,
-                "seed": self.seed}
+        return {**self.cfg.as_dict(), "steps": self.steps, "lr": self.lr, "norm_lr_scale": self.norm_lr_scale,
+                "bf16": self.bf16, "seed": self.seed}
 
     # ----- data order ---------------------------------------------------------------------------
     def global_batch_indices(self, step: int) -> list[int]:
@@ -221,8 +223,8 @@ class E2ETrainer:
 
         for g in self.optimizer.param_groups:
             g["lr"] = g["initial_lr"] = self.lr * self.lr_factor * g["lr_scale"]
-        self.schedule = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(self.cfg.warmup * self.cfg.steps),
-                                                        self.cfg.steps, last_epoch=self.step - 1)
+        self.schedule = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(self.cfg.warmup * self.steps),
+                                                        self.steps, last_epoch=self.step - 1)
 
     def train(self, progress: bool = True) -> list[dict]:
         self._resume()
@@ -232,10 +234,10 @@ class E2ETrainer:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         device = _device(self.model)
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=f"e2e_qp w{self.bits}",
+        bar = tqdm(total=self.steps, initial=self.step, desc=f"e2e_qp w{self.bits}",
                    disable=not progress or self.rank != 0)
         try:
-            while self.step < self.cfg.steps:
+            while self.step < self.steps:
                 loss = self._one_step(model, self.step, device)
                 if not math.isfinite(loss):
                     self._diverged(loss)
@@ -245,7 +247,7 @@ class E2ETrainer:
                 self.log.append({"step": self.step, "loss": loss, "lr": self.schedule.get_last_lr()[0]})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                if self.step % self.cfg.save_every == 0 or self.step == self.cfg.steps:
+                if self.step % self.cfg.save_every == 0 or self.step == self.steps:
                     self._good = self._snapshot()
                     self.save_state()
         finally:
@@ -339,8 +341,8 @@ class E2ETrainer:
             return
         path = self.state_dir / "e2e_progress.json"
         progress = runstate.read_progress(path, self.fingerprint, {"step": int, "log": list})
-        if not 0 <= progress["step"] <= self.cfg.steps:
-            raise ValueError(f"{path} is at step {progress['step']} of {self.cfg.steps}; delete {self.state_dir} to start over")
+        if not 0 <= progress["step"] <= self.steps:
+            raise ValueError(f"{path} is at step {progress['step']} of {self.steps}; delete {self.state_dir} to start over")
         tensors = runstate.load_tensors(self.state_dir / "e2e_state.safetensors")
         missing = [f"param/{name}" for name, p in self.trained.items()
                    if f"param/{name}" not in tensors or tensors[f"param/{name}"].shape != p.shape]

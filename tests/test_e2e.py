@@ -60,6 +60,19 @@ def test_e2e_at_2_bits_trains_the_scales_and_the_norm_weights_only(tiny_packed_d
     assert log[-1]["loss"] < log[0]["loss"]
 
 
+def test_default_steps_are_one_pass_over_the_examples(tiny_packed_dir):
+    model, tok = load_quantized(tiny_packed_dir, dtype=torch.float32)
+    _, train = _windows(tok)  # 16 windows
+    trainer = E2ETrainer(model, Examples.from_windows(train), E2EConfig(grad_accum=2, batch_size=2, loss="ce"),
+                         bf16=False)
+    assert trainer.steps == 4 and trainer.settings()["steps"] == 4
+    log = trainer.train(False)
+    assert len(log) == 4
+    seen = sorted(i for step in range(4) for i in trainer.global_batch_indices(step))
+    assert seen == list(range(16))  # every window once
+    assert E2ETrainer(model, Examples.from_windows(train), E2EConfig(steps=7, loss="ce"), bf16=False).steps == 7
+
+
 def _dense_model_with_leaf_scales(folder):
     """The checkpoint as a dense model computing W_hat = (q - z) * s from leaf scale tensors, so plain
     autograd gives ds: the independent reference for the fused Function's gradients."""

@@ -68,10 +68,10 @@ def test_e2e_divergence_restores_the_last_saved_step_and_retries(tiny_packed_dir
 def e2e_qp_lr_shape(trainer, step):
     import math
 
-    warm = math.ceil(trainer.cfg.warmup * trainer.cfg.steps)
+    warm = math.ceil(trainer.cfg.warmup * trainer.steps)
     if step < warm:
         return step / warm
-    return 0.5 * (1 + math.cos(math.pi * (step - warm) / (trainer.cfg.steps - warm)))
+    return 0.5 * (1 + math.cos(math.pi * (step - warm) / (trainer.steps - warm)))
 
 
 def test_e2e_that_diverges_twice_stops_with_a_message(tiny_packed_dir, monkeypatch):

@@ -44,8 +44,8 @@ class RunConfig:
                                     "stdlib, fortunes, code, licenses, a .txt/.jsonl file, hf:NAME, or a mixture "
                                     "such as self+stdlib")
     seq_len: int = option(512, "tokens per calibration and evaluation window")
-    calib_windows: int = option(128, "calibration windows (128 vs 64: validation KL 1.49 vs 1.65 over three seeds at "
-                                     "w2g64, docs/RESULTS.md)")
+    calib_windows: int = option(128, "calibration windows (w2g64 validation KL, mean of seeds: 64 1.65, 128 1.49, "
+                                     "256 1.21 at twice the time and 3.7 GB; docs/RESULTS.md)")
     val_windows: int = option(4, "held-out windows for the per-block validation loss")
     eval_windows: int = option(16, "windows per text in the closing fidelity report, a quick look (`eqat eval` "
                                    f"measures on {EVAL_WINDOWS}; calibration never takes those)")

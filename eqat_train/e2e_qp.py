@@ -63,7 +63,7 @@ class E2EConfig:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"E2E-QP loss must be one of {LOSSES}, got {self.loss!r}")
-        if (self.steps is not None and self.steps < 1) or self.batch_size < 1 or self.grad_accum < 1 or self.save_every < 1:
+        if (self.steps is not None and self.steps < 1) or min(self.batch_size, self.grad_accum, self.save_every) < 1:
             raise ValueError("E2E-QP needs steps, batch_size, grad_accum and save_every >= 1")
         if self.norm_lr_scale is not None and not (self.norm_lr_scale >= 0 and math.isfinite(self.norm_lr_scale)):
             raise ValueError(f"E2E-QP norm_lr_scale must be a number >= 0, got {self.norm_lr_scale}")
@@ -342,7 +342,8 @@ class E2ETrainer:
         path = self.state_dir / "e2e_progress.json"
         progress = runstate.read_progress(path, self.fingerprint, {"step": int, "log": list})
         if not 0 <= progress["step"] <= self.steps:
-            raise ValueError(f"{path} is at step {progress['step']} of {self.steps}; delete {self.state_dir} to start over")
+            raise ValueError(f"{path} is at step {progress['step']} of {self.steps}; "
+                             f"delete {self.state_dir} to start over")
         tensors = runstate.load_tensors(self.state_dir / "e2e_state.safetensors")
         missing = [f"param/{name}" for name, p in self.trained.items()
                    if f"param/{name}" not in tensors or tensors[f"param/{name}"].shape != p.shape]

@@ -166,7 +166,8 @@ class E2ETrainer:
         self.global_batch = cfg.batch_size * cfg.grad_accum * self.world
         if len(examples) < self.global_batch:
             raise ValueError(f"E2E-QP global batch is {self.global_batch} examples but only {len(examples)} were given")
-        self.steps = cfg.steps if cfg.steps is not None else len(examples) // self.global_batch
+        self.steps_per_pass = len(examples) // self.global_batch
+        self.steps = cfg.steps if cfg.steps is not None else self.steps_per_pass
         self.scales = trainable_scales(model)
         self.bits = model_bits(model)
         if self.bits is None and cfg.lr is None:
@@ -205,8 +206,7 @@ class E2ETrainer:
     # ----- data order ---------------------------------------------------------------------------
     def global_batch_indices(self, step: int) -> list[int]:
         """Examples of the whole global batch at `step`: a seeded permutation per pass over the data."""
-        per_epoch = len(self.examples) // self.global_batch
-        epoch, pos = divmod(step, per_epoch)
+        epoch, pos = divmod(step, self.steps_per_pass)
         order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
         return order[pos * self.global_batch:(pos + 1) * self.global_batch].tolist()
 

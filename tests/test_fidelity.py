@@ -98,7 +98,6 @@ def test_evaluation_and_calibration_overlap_is_named(tiny_model_dir, tmp_path, c
 
 
 def test_self_generated_calibration_is_cached_resumable_and_tied_to_its_model(tiny, tmp_path, monkeypatch):
-
     model, tok = tiny
     tok = copy.deepcopy(tok)
     tok.chat_template = CHATML
@@ -141,7 +140,6 @@ def test_self_generated_calibration_is_cached_resumable_and_tied_to_its_model(ti
 
 
 def test_gumbel_top_k_draws_the_top_k_softmax_at_its_temperature():
-
     cfg = SelfGenConfig(sequences=1, seq_len=8, top_k=3, temperature=0.7)
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0, -4.0]])
     pick = selfgen._GumbelTopK(cfg, torch.Generator().manual_seed(0))
@@ -157,7 +155,6 @@ def test_gumbel_top_k_draws_the_top_k_softmax_at_its_temperature():
 
 
 def test_later_chat_batches_sample_only_the_conversations_still_needed():
-
     cfg = SelfGenConfig(sequences=68, seq_len=512)  # the default run: 34 chat windows
     need = 34 * 512
     assert selfgen._chat_rows(cfg, 0, need, 0) == cfg.batch_size  # nothing known yet: a whole batch

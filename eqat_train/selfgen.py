@@ -75,7 +75,7 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-class _GumbelTopK(LogitsProcessor):
+class GumbelTopK(LogitsProcessor):
     """Top-k sampling at a temperature, as the Gumbel-max trick: noise is added to the k best scaled logits
     only and every other token is set to -inf, so `generate`'s greedy step draws exactly the top-k softmax
     sample. `generate(do_sample=True)` draws it with `torch.multinomial`, which makes an exponential random
@@ -96,11 +96,11 @@ def _sample(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int, cfg: 
             generator: torch.Generator, pad: int, exact: bool = False) -> torch.Tensor:
     return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
                           min_new_tokens=new_tokens if exact else None, do_sample=False, pad_token_id=pad,
-                          logits_processor=LogitsProcessorList([_GumbelTopK(cfg, generator)]),
+                          logits_processor=LogitsProcessorList([GumbelTopK(cfg, generator)]),
                           cache_implementation=STATIC)
 
 
-def _plain_batch(model, tokenizer, cfg: SelfGenConfig, rows: int, generator: torch.Generator) -> torch.Tensor:
+def plain_batch(model, tokenizer, cfg: SelfGenConfig, rows: int, generator: torch.Generator) -> torch.Tensor:
     special = set(tokenizer.all_special_ids)
     vocab = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
     start = vocab[torch.randint(len(vocab), (rows, 1), generator=generator)]
@@ -111,7 +111,7 @@ def _plain_batch(model, tokenizer, cfg: SelfGenConfig, rows: int, generator: tor
     return out[:, :cfg.seq_len]
 
 
-def _user_header(tokenizer) -> list[int]:
+def user_header(tokenizer) -> list[int]:
     """Template tokens up to where a user's words begin (system prompt included, as the template has it)."""
     marker = "\u2063EQAT\u2063"
     text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
@@ -120,7 +120,7 @@ def _user_header(tokenizer) -> list[int]:
 
 def _conversations(model, tokenizer, cfg: SelfGenConfig, rows: int, generator: torch.Generator) -> list[int]:
     """`rows` conversations (user turn and answer both by the model), as one token stream."""
-    header = torch.tensor([_user_header(tokenizer)] * rows)
+    header = torch.tensor([user_header(tokenizer)] * rows)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     asked = _sample(model, header, torch.ones_like(header), cfg.user_tokens, cfg, generator, pad)
@@ -141,7 +141,7 @@ CHAT_ROWS_MARGIN = 1.5  # later chat batches sample this many times the conversa
 CHAT_ROWS_MIN = 4
 
 
-def _chat_rows(cfg: SelfGenConfig, have: int, need: int, made: int) -> int:
+def chat_rows(cfg: SelfGenConfig, have: int, need: int, made: int) -> int:
     """Conversations in the next chat batch: a whole batch first, then only as many as the missing tokens
     call for at the mean length so far, with a margin. A batch runs until its longest answer ends whatever
     its size, so a full batch for the last window (33.3 of 34 after the first in the default run) doubled
@@ -192,12 +192,12 @@ def generate_calibration(model: nn.Module, tokenizer, cfg: SelfGenConfig,
         for i in range(0, n_plain, cfg.batch_size):
             rows = min(cfg.batch_size, n_plain - i)
             plain.append(_cached(folder / f"plain_{i // cfg.batch_size:04d}.safetensors", cfg, i,
-                                 lambda g: _plain_batch(sampler.lm, tokenizer, cfg, rows, g)))
+                                 lambda g: plain_batch(sampler.lm, tokenizer, cfg, rows, g)))
             bar.update(rows)
         stream: list[torch.Tensor] = []
         have, need, made = 0, n_chat * cfg.seq_len, 0
         while have < need:
-            j, rows = len(stream), _chat_rows(cfg, have, need, made)
+            j, rows = len(stream), chat_rows(cfg, have, need, made)
             stream.append(_cached(folder / f"chat_{j:04d}.safetensors", cfg, 1_000 + j,
                                   lambda g: torch.tensor(_conversations(sampler.lm, tokenizer, cfg, rows, g))))
             bar.update(min(need, have + stream[-1].numel()) // cfg.seq_len - have // cfg.seq_len)

@@ -103,7 +103,7 @@ def test_self_generated_calibration_is_cached_resumable_and_tied_to_its_model(ti
     tok.chat_template = CHATML
     cfg = SelfGenConfig(sequences=5, seq_len=16, batch_size=2, user_tokens=6, answer_tokens=12, chat_fraction=0.2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    real_plain = selfgen._plain_batch
+    real_plain = selfgen.plain_batch
     calls = []
 
     def killed_after_one(*args, **kwargs):
@@ -112,21 +112,21 @@ def test_self_generated_calibration_is_cached_resumable_and_tied_to_its_model(ti
         calls.append(1)
         return real_plain(*args, **kwargs)
 
-    monkeypatch.setattr(selfgen, "_plain_batch", killed_after_one)
+    monkeypatch.setattr(selfgen, "plain_batch", killed_after_one)
     with pytest.raises(KeyboardInterrupt):
         generate_calibration(model, tok, cfg, cache_dir=tmp_path / "a", progress=False)
-    monkeypatch.setattr(selfgen, "_plain_batch", real_plain)
+    monkeypatch.setattr(selfgen, "plain_batch", real_plain)
     resumed = generate_calibration(model, tok, cfg, cache_dir=tmp_path / "a", progress=False)
     fresh = generate_calibration(model, tok, cfg, cache_dir=tmp_path / "b", progress=False)
     assert resumed.shape == (5, 16) and torch.equal(resumed, fresh)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the fp model is untouched
-    header = selfgen._user_header(tok)
+    header = selfgen.user_header(tok)
     stream = fresh.flatten().tolist()
     assert any(stream[i:i + len(header)] == header for i in range(len(stream)))  # conversations are in there
     folder = next((tmp_path / "a").iterdir())
     assert not list(folder.glob("*.tmp")) and not list(folder.glob("plain_*")) and not list(folder.glob("chat_*"))
 
-    monkeypatch.setattr(selfgen, "_plain_batch", lambda *a, **k: pytest.fail("a cached set is not regenerated"))
+    monkeypatch.setattr(selfgen, "plain_batch", lambda *a, **k: pytest.fail("a cached set is not regenerated"))
     assert torch.equal(generate_calibration(model, tok, cfg, cache_dir=tmp_path / "a", progress=False), fresh)
     meta = json.loads((folder / "meta.json").read_text())
     meta["model"] = "another-model"
@@ -142,7 +142,7 @@ def test_self_generated_calibration_is_cached_resumable_and_tied_to_its_model(ti
 def test_gumbel_top_k_draws_the_top_k_softmax_at_its_temperature():
     cfg = SelfGenConfig(sequences=1, seq_len=8, top_k=3, temperature=0.7)
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0, -4.0]])
-    pick = selfgen._GumbelTopK(cfg, torch.Generator().manual_seed(0))
+    pick = selfgen.GumbelTopK(cfg, torch.Generator().manual_seed(0))
     draws = 40_000
     scores = pick(None, logits.expand(draws, -1).clone())
     assert torch.isinf(scores).sum(-1).eq(logits.shape[-1] - 1).all()  # greedy then takes the drawn token
@@ -157,12 +157,12 @@ def test_gumbel_top_k_draws_the_top_k_softmax_at_its_temperature():
 def test_later_chat_batches_sample_only_the_conversations_still_needed():
     cfg = SelfGenConfig(sequences=68, seq_len=512)  # the default run: 34 chat windows
     need = 34 * 512
-    assert selfgen._chat_rows(cfg, 0, need, 0) == cfg.batch_size  # nothing known yet: a whole batch
+    assert selfgen.chat_rows(cfg, 0, need, 0) == cfg.batch_size  # nothing known yet: a whole batch
     # the first batch of 64 gave 17,063 tokens (33.3 windows): the last 345 tokens take a few conversations
-    rows = selfgen._chat_rows(cfg, 17_063, need, 64)
+    rows = selfgen.chat_rows(cfg, 17_063, need, 64)
     assert selfgen.CHAT_ROWS_MIN <= rows < 8
     assert rows * 17_063 / 64 >= need - 17_063  # enough at the mean length
-    assert selfgen._chat_rows(cfg, 1_000, need, 64) == cfg.batch_size  # short conversations: never past a batch
+    assert selfgen.chat_rows(cfg, 1_000, need, 64) == cfg.batch_size  # short conversations: never past a batch
 
 
 def test_self_generation_window_counts_follow_the_chat_share():

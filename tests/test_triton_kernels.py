@@ -93,8 +93,8 @@ def test_one_launch_decode_reduces_in_order_and_resets_its_tickets(poisoned_outp
     """Decode is one launch: with one K range (1 SM) each program writes y itself; with several (132 SMs)
     the last program of each tile adds the partials in split order. Either way the result matches the
     reference, a repeated launch is bitwise identical (deterministic) and every ticket is back at 0."""
-    monkeypatch.setattr(ops, "_SM_COUNT_FALLBACK", sms)
-    monkeypatch.setattr(ops, "_TICKETS", {})
+    monkeypatch.setattr(ops, "SM_COUNT_FALLBACK", sms)
+    monkeypatch.setattr(ops, "SPLIT_TICKETS", {})
     spec, qweight, qzeros, scales, weight, x, _ = _setup(bits, 128, torch.float16, m, 576, 576)
     cfg = configs.select_config("decode", m, 576, 576, bits, 128)
     tiles = -(-576 // cfg.block_n) * -(-m // cfg.block_m)
@@ -105,7 +105,7 @@ def test_one_launch_decode_reduces_in_order_and_resets_its_tickets(poisoned_outp
     first = ops.forward(x, weight, scales, spec, bias)
     assert rel_err(first, ref) < TOLERANCE[torch.float16]
     assert torch.equal(ops.forward(x, weight, scales, spec, bias), first)
-    (tickets,) = ops._TICKETS.values()
+    (tickets,) = ops.SPLIT_TICKETS.values()
     assert tickets.numel() >= tiles and not tickets.any()
 
 

@@ -14,7 +14,7 @@ from . import kernels
 from .configs import KernelConfig, decode_max_m, fit_block_k, gemm_tiling, k_ranges, select_config, uses_dense
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_SM_COUNT_FALLBACK = 132  # off a GPU (the interpreter, AOT builds): an H100's
+SM_COUNT_FALLBACK = 132  # off a GPU (the interpreter, AOT builds): an H100's
 _CAPABILITY_FALLBACK = 90
 
 
@@ -104,7 +104,7 @@ def _select(device: torch.device, kernel: str, *args, **kwargs) -> KernelConfig:
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return _SM_COUNT_FALLBACK
+    return SM_COUNT_FALLBACK
 
 
 def dense_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ def dense_matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-_TICKETS: dict[tuple, torch.Tensor] = {}
+SPLIT_TICKETS: dict[tuple, torch.Tensor] = {}  # (device, stream) -> counters, see `_tickets`
 
 
 def _tickets(device: torch.device, count: int) -> torch.Tensor:
@@ -133,10 +133,10 @@ def _tickets(device: torch.device, count: int) -> torch.Tensor:
     own, as launches on two streams may run at once."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
-    tickets = _TICKETS.get(key)
+    tickets = SPLIT_TICKETS.get(key)
     if tickets is None or tickets.numel() < count:
         tickets = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-        _TICKETS[key] = tickets
+        SPLIT_TICKETS[key] = tickets
     return tickets
 
 

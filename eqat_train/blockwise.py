@@ -122,8 +122,10 @@ class BlockwiseRun:
 
     # ----- storage and resume ------------------------------------------------------------------------
     def _store(self, name: str, values: torch.Tensor) -> ActivationStore:
-        path = (self.state_dir / f"{name}.work.npy") if (self.offload and self.state_dir) else None
-        return ActivationStore(values, path)
+        if not (self.offload and self.state_dir):
+            return ActivationStore(values)
+        self.state_dir.mkdir(parents=True, exist_ok=True)  # a fresh run's first stores come before any checkpoint
+        return ActivationStore(values, self.state_dir / f"{name}.work.npy")
 
     def _fingerprint(self) -> str:
         return runstate.fingerprint({**self.method.as_dict(), **self.options})

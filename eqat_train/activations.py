@@ -2,8 +2,9 @@
 and the hook that hands every linear's input to a method (GPTQ's Hessians, Block-AP's input energy)."""
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,16 +74,45 @@ class ActivationStore:
     """`[n, L, H]` activations in fp16 (fp32 if values exceed fp16's range), in RAM or memory-mapped on disk."""
 
     def __init__(self, values: torch.Tensor, path: Path | None = None, dtype: str = "float16"):
-        if dtype == "float16" and values.numel() and values.abs().max().item() > FP16_SAFE_MAX:
-            dtype = "float32"
-        if path is None:
-            self.data = values.detach().numpy().astype(dtype) if values.dtype != torch.bfloat16 else values.float().numpy().astype(dtype)
+        self._fill([values], values.shape, path, dtype)
+
+    @classmethod
+    def from_batches(cls, batches: Iterable[torch.Tensor], n: int, path: Path | None = None) -> "ActivationStore":
+        """The store of `n` rows arriving in consecutive batches, written as they come: no full-size fp32
+        copy of them is ever held (at 512 windows of 512 x 576 that copy is 600 MB, and it was made twice)."""
+        store = cls.__new__(cls)
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            raise ValueError("an activation store needs at least one window")
+        store._fill(itertools.chain([first], batches), (n, *first.shape[1:]), path, "float16")
+        return store
+
+    def _fill(self, batches: Iterable[torch.Tensor], shape: tuple, path: Path | None, dtype: str) -> None:
+        tmp = None if path is None else path.with_suffix(".tmp")
+
+        def allocate(kind: str) -> np.ndarray:
+            if tmp is None:
+                return np.empty(shape, dtype=kind)
+            return np.lib.format.open_memmap(tmp, mode="w+", dtype=kind, shape=tuple(shape))
+
+        data, row = allocate(dtype), 0
+        for batch in batches:
+            values = batch.detach().float()
+            if data.dtype == np.float16 and values.numel() and values.abs().max().item() > FP16_SAFE_MAX:
+                wider = np.array(data[:row], dtype=np.float32)  # the rows so far, before the file is reused
+                del data
+                data = allocate("float32")
+                data[:row] = wider
+            data[row:row + values.shape[0]] = values.numpy()
+            row += values.shape[0]
+        if row != shape[0]:
+            raise ValueError(f"activation store expected {shape[0]} rows, got {row}")
+        if tmp is None:
+            self.data = data
         else:
-            tmp = path.with_suffix(".tmp")
-            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(values.shape))
-            mm[:] = values.detach().float().numpy()
-            mm.flush()
-            del mm
+            data.flush()
+            del data
             os.replace(tmp, path)
             self.data = np.load(path, mmap_mode="r")
 
@@ -106,15 +136,20 @@ class ActivationStore:
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, ctx: BlockContext, store: ActivationStore, batch_size: int,
-              bf16: bool = False) -> torch.Tensor:
-    """The block applied to every stored activation, batched; `bf16` autocasts the matmuls (~4x faster
-    on CPU: a pass over 128 x 512 tokens of a SmolLM2 block takes 7.7 s in fp32)."""
-    outs = []
+def block_outputs(block: nn.Module, ctx: BlockContext, store: ActivationStore, batch_size: int,
+                  bf16: bool = False) -> Iterator[torch.Tensor]:
+    """The block applied to the stored activations, `batch_size` windows at a time (fp32 outputs); `bf16`
+    autocasts the matmuls (~4x faster on CPU: a pass over 128 x 512 tokens of a SmolLM2 block takes 7.7 s
+    in fp32)."""
     for i in range(0, len(store), batch_size):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            outs.append(ctx.call(block, store.get(slice(i, i + batch_size))).float())
-    return torch.cat(outs)
+            yield ctx.call(block, store.get(slice(i, i + batch_size))).float()
+
+
+def run_block(block: nn.Module, ctx: BlockContext, store: ActivationStore, batch_size: int,
+              bf16: bool = False) -> torch.Tensor:
+    """`block_outputs` as one tensor."""
+    return torch.cat(list(block_outputs(block, ctx, store, batch_size, bf16)))
 
 
 @torch.no_grad()

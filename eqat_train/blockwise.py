@@ -18,7 +18,7 @@ from tqdm import tqdm
 from eqat_kernels import compute_path, paths
 
 from . import runstate
-from .activations import INFER_BATCH, ActivationStore, BlockContext, capture_block_inputs, run_block
+from .activations import INFER_BATCH, ActivationStore, BlockContext, block_outputs, capture_block_inputs
 from .configs import option
 from .faults import crash_point
 from .models import find_blocks, swap_in_empty_quant_linears
@@ -103,17 +103,15 @@ class BlockwiseRun:
                    disable=not progress, initial=start, total=len(blocks))
         for i in bar:
             block = blocks[i]
-            fp_out = self._store("fp_out", run_block(block, ctx, fp_in, INFER_BATCH, self.bf16_passes)) if fp_in is not None else None
-            fv_out = self._store("fv_out", run_block(block, ctx, fv_in, INFER_BATCH, self.bf16_passes)) if fv_in is not None else None
+            fp_out = self._pass("fp_out", block, ctx, fp_in) if fp_in is not None else None
+            fv_out = self._pass("fv_out", block, ctx, fv_in) if fv_in is not None else None
             torch.manual_seed(self.seed + i)  # same per block whether resumed or not
             stats = self.method.quantize_block(BlockData(i, block, ctx, q_in, fp_out, qv_in, fv_out, self.bf16_passes))
             if q_in is not None:
                 with compute_path(block, "reference"):  # exact fp32 propagation
-                    q_next = run_block(block, ctx, q_in, INFER_BATCH, self.bf16_passes)
-                    qv_next = run_block(block, ctx, qv_in, INFER_BATCH, self.bf16_passes) if qv_in is not None else None
-                q_in, fp_in = self._store("q_in", q_next), fp_out
-                if qv_in is not None:
-                    qv_in, fv_in = self._store("qv_in", qv_next), fv_out
+                    q_in, fp_in = self._pass("q_in", block, ctx, q_in), fp_out
+                    if qv_in is not None:
+                        qv_in, fv_in = self._pass("qv_in", block, ctx, qv_in), fv_out
             stats = {"block": i, **stats}
             self.log.append(stats)
             bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if isinstance(v, float)})
@@ -122,10 +120,18 @@ class BlockwiseRun:
 
     # ----- storage and resume ------------------------------------------------------------------------
     def _store(self, name: str, values: torch.Tensor) -> ActivationStore:
+        return ActivationStore(values, self._work_path(name))
+
+    def _pass(self, name: str, block: nn.Module, ctx, inputs: ActivationStore) -> ActivationStore:
+        """`block` over `inputs`, each batch written to the new store as it comes."""
+        return ActivationStore.from_batches(block_outputs(block, ctx, inputs, INFER_BATCH, self.bf16_passes),
+                                            len(inputs), self._work_path(name))
+
+    def _work_path(self, name: str) -> Path | None:
         if not (self.offload and self.state_dir):
-            return ActivationStore(values)
+            return None
         self.state_dir.mkdir(parents=True, exist_ok=True)  # a fresh run's first stores come before any checkpoint
-        return ActivationStore(values, self.state_dir / f"{name}.work.npy")
+        return self.state_dir / f"{name}.work.npy"
 
     def _fingerprint(self) -> str:
         return runstate.fingerprint({**self.method.as_dict(), **self.options})

@@ -45,7 +45,7 @@ class RunConfig:
                                     "such as self+stdlib")
     seq_len: int = option(512, "tokens per calibration and evaluation window")
     calib_windows: int = option(128, "calibration windows (w2g64 validation KL, mean of seeds: 64 1.65, 128 1.49, "
-                                     "256 1.21 at twice the time and 3.7 GB; docs/RESULTS.md)")
+                                     "256 1.21 at twice the time, 512 1.13 (seed 0) at ~3x; docs/RESULTS.md)")
     val_windows: int = option(4, "held-out windows for the per-block validation loss")
     eval_windows: int = option(16, "windows per text in the closing fidelity report, a quick look (`eqat eval` "
                                    f"measures on {EVAL_WINDOWS}; calibration never takes those)")

@@ -87,6 +87,22 @@ def test_decode_rows_sharing_a_program_match_reference(poisoned_outputs, bits, g
     assert rel_err(ops.forward(x, weight, scales, spec, bias), ref) < TOLERANCE[dtype]  # the launcher's choice
 
 
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("bits,group,scale", [(2, 64, 1.0), (4, 128, 1.0), (2, 32, 300.0), (4, -1, 300.0)])
+def test_one_row_fp16_decode_matches_reference_on_either_architecture(poisoned_outputs, monkeypatch, capability,
+                                                                      bits, group, scale):
+    """M = 1 in fp16: two codes per instruction with fp16 partial sums from sm_90 (`configs.uses_half_pairs`),
+    fp32 FMAs below; both against the fp64 reference, also with activations of a few hundred (the partials
+    reach 16x the largest one), N off the tile width, K = 576 leaving a partial last group."""
+    monkeypatch.setattr(ops, "target_capability", lambda device: capability)
+    spec, qweight, qzeros, scales, weight, x, _ = _setup(bits, group, torch.float16, 1, 192, 576)
+    x = (x.float() * scale).half()
+    cfg = configs.select_config("decode", 1, 192, 576, bits, spec.group)
+    assert configs.uses_half_pairs(capability, cfg.block_m, True) == (capability >= 90)
+    ref = reference.forward(x.double(), qweight, qzeros, scales, spec)
+    assert rel_err(ops.forward(x, weight, scales, spec), ref) < TOLERANCE[torch.float16]
+
+
 @pytest.mark.parametrize("sms", [1, 132])
 @pytest.mark.parametrize("bits,m", [(4, 1), (3, 1), (2, 3)])
 def test_one_launch_decode_reduces_in_order_and_resets_its_tickets(poisoned_outputs, monkeypatch, sms, bits, m):

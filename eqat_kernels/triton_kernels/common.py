@@ -62,9 +62,14 @@ def _split8(t):
 
 @triton.jit
 def field_columns(x, BITS: tl.constexpr):
-    """The 32 // BITS slices along the last axis of `x` as a tuple of tensors shaped `x.shape[:-1]` (BITS = 2
-    or 4): a tree of tl.split, register picks without a layout change."""
-    if BITS == 4:
+    """The 32 // BITS slices along the last axis of `x` as a tuple of tensors shaped `x.shape[:-1]` (BITS = 2,
+    4 or 8): a tree of tl.split, register picks without a layout change."""
+    if BITS == 8:
+        c0, c1 = tl.split(tl.reshape(x, x.shape[:-1] + (2, 2)))
+        f0, f2 = tl.split(c0)
+        f1, f3 = tl.split(c1)
+        cols = (f0, f1, f2, f3)
+    elif BITS == 4:
         cols = _split8(tl.reshape(x, x.shape[:-1] + (2, 2, 2)))
     else:
         even, odd = tl.split(tl.reshape(x, x.shape[:-1] + (2, 2, 2, 2)))
@@ -87,9 +92,51 @@ def exact_float(q):
     return (q | MAGIC_F32).to(tl.float32, bitcast=True) - MAGIC_F32_VALUE
 
 
+# fp16 with every exponent bit set (0x7C00, both halves): AND-ing a view under it with a field's mask plus the
+# exponent bits of 2^(10 - position) keeps the float 2^(10 - position) + code, whose mantissa step is exactly 1
+VIEW_EXPONENTS = tl.constexpr(0x7C007C00)
+VIEW_BITS = tl.constexpr(8)  # payload bits per half of a view (mask 0x00FF00FF): fits the fp16 mantissa, splits a half
+
+
+@triton.jit
+def half_pairs_dot(x_tile, words, k0, k, K, BITS: tl.constexpr, WORDS: tl.constexpr, BN: tl.constexpr):
+    """(sum_k x[k] * code[k, n], sum_k x[k]) for one fp16 row, two codes per instruction: codes j and j + HALF
+    of a word (one in each 16-bit half) are one fp16 pair, read in place under per-field exponents.
+
+    Each half becomes two views of VIEW_BITS payload bits under all-ones exponents (two ANDs and a shift per
+    word); a field is then one AND with one immediate (its mask plus the exponent of 2^(10 - its bit
+    position), whose mantissa step is 1 at the field), which leaves the pair (2^e + code, 2^e + code')
+    exactly. One paired subtraction centres it (code - 2^(BITS-1)) and one paired FMA multiplies it with the
+    activation pair. A view's products (exact, 8 // BITS of them, |sum| <= 16 max|x|) accumulate in fp16 and
+    then go to fp32; the centring comes back as 2^(BITS-1) * sum(x). No int -> float conversion, no shift
+    per field; the fp16 partials cost ~1.5x the output's own rounding error (interpreter tests, 1e-3)."""
+    PER: tl.constexpr = 32 // BITS
+    HALF: tl.constexpr = PER // 2
+    FIELDS: tl.constexpr = VIEW_BITS // BITS  # fields per view
+    x = tl.load(x_tile + k, mask=k < K, other=0.0)  # [WORDS, PER] fp16
+    # [WORDS, 2, HALF] -> per field j the activations of codes j and j + HALF as a trailing pair axis
+    pairs = field_columns(tl.reshape(x, (WORDS, 2, HALF)), 2 * BITS)
+    # k0 >> 31 (0, unknown to the compiler) keeps the exponents out of each field's AND (see plane_dot)
+    exps = (tl.full((), VIEW_EXPONENTS, tl.int32) | (k0 >> 31)).to(tl.uint32, bitcast=True)
+    views = ((words & 0x00FF00FF) | exps, ((words >> VIEW_BITS) & 0x00FF00FF) | exps)
+    part = tl.zeros((WORDS, BN), dtype=tl.float32)
+    for v in tl.static_range(2):
+        acc = tl.zeros((WORDS, BN, 2), dtype=tl.float16)
+        for f in tl.static_range(FIELDS):
+            field = views[v] & ((((1 << BITS) - 1) << (BITS * f)) | ((25 - BITS * f) << 10)) * 0x00010001
+            lo = (field & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+            hi = (field >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+            centred = tl.join(lo, hi) - ((1 << (10 - BITS * f)) + (1 << (BITS - 1)))
+            acc += centred * pairs[v * FIELDS + f][:, None, :]
+        part += tl.sum(acc.to(tl.float32), axis=2)
+    xsum = tl.zeros((1,), dtype=tl.float32) + tl.sum(tl.sum(x.to(tl.float32), axis=1), axis=0)
+    dot = tl.sum(part, axis=0)[None, :] + (1 << (BITS - 1)) * xsum[:, None]
+    return dot, xsum
+
+
 @triton.jit
 def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BITS: tl.constexpr,
-              BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+              BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, HALF_PAIRS: tl.constexpr):
     """(sum_k x[r, k] * code[k, n], sum_k x[r, k]) over k0..k0+BLOCK_K for the BLOCK_M rows at `x_tile`
     (rows from `m_rows` on are masked) of a plane whose codes never straddle words: `[BLOCK_M, BN]`, `[BLOCK_M]`.
 
@@ -101,7 +148,8 @@ def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BI
     accumulates into one [words, columns] partial in the words' load layout: no layout conversion of the
     weights and no cross-thread sum inside the K loop. Several rows: a field as a float is code * 2^(BITS*j)
     after one conversion, shared by the rows' FMAs; a partial sum per field, [rows, words, fields, columns],
-    is rescaled after the K sum (the one-row form spills at 4 rows, and so does the magic form).
+    is rescaled after the K sum (the one-row form spills at 4 rows, and so does the magic form). HALF_PAIRS
+    (one fp16 row, `configs.uses_half_pairs`): two codes per instruction, `half_pairs_dot`.
     """
     PER: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PER // 2  # fields per 16 bits
@@ -111,7 +159,9 @@ def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BI
                     mask=(words_at[:, None] < K // PER) & n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
     fields = tl.arange(0, PER)
     k = k0 + tl.arange(0, WORDS)[:, None] * PER + fields[None, :]  # [WORDS, PER]
-    if BLOCK_M == 1:
+    if HALF_PAIRS:  # one fp16 row, two codes per instruction
+        dot, xsum = half_pairs_dot(x_tile, words, k0, k, K, BITS, WORDS, offs_n.shape[0])
+    elif BLOCK_M == 1:
         # field j is read in place from its 16-bit half: code * 2^(BITS*(j % HALF)), below 2^16
         rescale = ((127 - (fields % HALF) * BITS) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS*(j % HALF)), exact
         # (a program's first row always exists: the grid has cdiv(M, BLOCK_M) row tiles)

@@ -189,6 +189,17 @@ def fit_block_k(block_k: int, group: int) -> int:
     return block_k
 
 
+# from this compute capability the one-row decode of fp16 activations at 2/4 bits multiplies two codes per
+# instruction (`common.half_pairs_dot`): PREDICTED on H100 w2g64 13.2 -> 10.8 instructions per weight byte,
+# 28672x8192 4.87 -> 5.83x fp16 cuBLAS. sm_80's build splits each pair's 32-bit AND into 16-bit halves and
+# packs them back (a PRMT per pair), int-pipe bound: A100 w4g128 3.72 -> 3.22x, so it keeps the fp32 FMAs.
+HALF_PAIRS_MIN_CAPABILITY = 90
+
+
+def uses_half_pairs(capability: int, block_m: int, dtype_is_fp16: bool) -> bool:
+    return dtype_is_fp16 and block_m == 1 and capability >= HALF_PAIRS_MIN_CAPABILITY
+
+
 @functools.cache  # asked on every forward call; depends only on the curated candidates
 def decode_max_m(bits: int, group: int, dtype_is_half: bool) -> int:
     """Rows up to which forward runs the split-K GEMV (`decode_splitk_kernel`), the GEMM above (0: the GEMM

@@ -91,14 +91,14 @@ def test_decode_rows_sharing_a_program_match_reference(poisoned_outputs, bits, g
 @pytest.mark.parametrize("bits,group,scale", [(2, 64, 1.0), (4, 128, 1.0), (2, 32, 300.0), (4, -1, 300.0)])
 def test_one_row_fp16_decode_matches_reference_on_either_architecture(poisoned_outputs, monkeypatch, capability,
                                                                       bits, group, scale):
-    """M = 1 in fp16: two codes per instruction with fp16 partial sums from sm_90 (`configs.uses_half_pairs`),
+    """M = 1 in fp16: two codes per instruction with fp16 partial sums from sm_90 (`configs.fp16_in_place`),
     fp32 FMAs below; both against the fp64 reference, also with activations of a few hundred (the partials
     reach 16x the largest one), N off the tile width, K = 576 leaving a partial last group."""
     monkeypatch.setattr(ops, "target_capability", lambda device: capability)
     spec, qweight, qzeros, scales, weight, x, _ = _setup(bits, group, torch.float16, 1, 192, 576)
     x = (x.float() * scale).half()
     cfg = configs.select_config("decode", 1, 192, 576, bits, spec.group)
-    assert configs.uses_half_pairs(capability, cfg.block_m, True) == (capability >= 90)
+    assert cfg.block_m == 1 and configs.fp16_in_place(capability, True) == (capability >= 90)
     ref = reference.forward(x.double(), qweight, qzeros, scales, spec)
     assert rel_err(ops.forward(x, weight, scales, spec), ref) < TOLERANCE[torch.float16]
 
@@ -213,6 +213,19 @@ def test_fragment_order_gemm_matches_reference(poisoned_outputs, bits, group, dt
     bias = torch.randn(n).to(dtype)
     y = ops.forward(x, weight, scales, spec, bias)
     assert rel_err(y, reference.forward(x.double(), qweight, qzeros, scales, spec, bias.double())) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("group,m,scale", [(128, 1, 1.0), (64, 19, 1.0), (-1, 3, 300.0)])
+def test_3bit_fp16_gemm_on_either_architecture(poisoned_outputs, monkeypatch, capability, group, m, scale):
+    """3-bit fp16 codes are read from both planes in place from sm_90 (`configs.fp16_in_place`), shifted
+    below; both against the fp64 reference, M = 1 included, K with a partial last group."""
+    monkeypatch.setattr(ops, "target_capability", lambda device: capability)
+    spec, qweight, qzeros, scales, weight, x, _ = _setup(3, group, torch.float16, m, 224, 576)
+    x = (x.float() * scale).half()
+    assert configs.fp16_in_place(capability, True) == (capability >= 90)
+    ref = reference.forward(x.double(), qweight, qzeros, scales, spec)
+    assert rel_err(ops.forward(x, weight, scales, spec), ref) < TOLERANCE[torch.float16]
 
 
 @pytest.mark.parametrize("bits,group", [(4, 128), (2, 64), (3, 128)])

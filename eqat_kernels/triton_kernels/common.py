@@ -149,7 +149,7 @@ def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BI
     weights and no cross-thread sum inside the K loop. Several rows: a field as a float is code * 2^(BITS*j)
     after one conversion, shared by the rows' FMAs; a partial sum per field, [rows, words, fields, columns],
     is rescaled after the K sum (the one-row form spills at 4 rows, and so does the magic form). HALF_PAIRS
-    (one fp16 row, `configs.uses_half_pairs`): two codes per instruction, `half_pairs_dot`.
+    (one fp16 row, `configs.fp16_in_place`): two codes per instruction, `half_pairs_dot`.
     """
     PER: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PER // 2  # fields per 16 bits
@@ -293,15 +293,62 @@ def _code_pair(words, high, p: tl.constexpr, BITS: tl.constexpr, DT: tl.constexp
     return tl.join(lo, hi)
 
 
+# 3-bit codes in place (fp16): the low plane's pair p sits at bit 2 (p % 4) + 2 of a view, its high bits at bit
+# p + 2 of the high view, both under per-field exponents, so two ANDs leave 2^e + low and 2^e' + 4 high exactly;
+# their sum (< 2048: exact) is `code + offset3(p)`, and the offsets leave after the mma, through sum(offset x)
 @triton.jit
-def magic_codes(qw_ptr, qh_ptr, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
-                INTERPRETED_BF16: tl.constexpr, EVEN_K: tl.constexpr):
-    """[BN, BLOCK_K] `magic_value(DT) + code` for features k0..k0+BLOCK_K of 2-, 3- or 4-bit codes, K in fragment
-    order (`fragment_order`; 3-bit codes in the 2-bit plane's). BLOCK_K must hold a multiple of 4 words per column
-    (of the low plane at 3 bits). INTERPRETED_BF16: Triton 3.9's CPU interpreter bitcasts uint16 to bf16 wrongly
-    (denormals) and computes bf16 arithmetic wrongly, so there the same values come back in fp32 (exact: small
-    integers). 3 bits: each low-plane word's 16 high bits are the int16 at the same index of the high plane,
-    spread once per word so that pair p's sit at bits p and p + 16. EVEN_K: every word of the tile exists."""
+def offset3(p):
+    """2^e + 2^e' that the in-place 3-bit tile adds to a code of pair `p` (0..7; int32 tensor or constexpr)."""
+    return (1 << (8 - 2 * (p % 4))) + (1 << (10 - p))
+
+
+@triton.jit
+def _fp16_pair(m):
+    """The two 16-bit halves of uint32 `m` as fp16, a trailing pair axis."""
+    return tl.join((m & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True),
+                   (m >> 16).to(tl.uint16).to(tl.float16, bitcast=True))
+
+
+@triton.jit
+def _low_in_place(words, exps, p: tl.constexpr):
+    """2^e + low bits of codes p and p + 8 (fp16 pair): one AND under the view's all-ones exponents."""
+    POS: tl.constexpr = 2 * (p % 4) + 2
+    if p < 4:
+        view = ((words << 2) & 0x03FC03FC) | exps
+    else:
+        view = ((words >> 6) & 0x03FC03FC) | exps
+    return _fp16_pair(view & (((3 << POS) | ((25 - POS) << 10)) * 0x00010001)) - offset3(p)
+
+
+@triton.jit
+def _high_in_place(high_view, p: tl.constexpr):
+    """2^e' + 4 x high bit of codes p and p + 8 (fp16 pair): one AND."""
+    return _fp16_pair(high_view & (((1 << (p + 2)) | ((25 - p) << 10)) * 0x00010001))
+
+
+@triton.jit
+def _pairs_tile(q0, q1, q2, q3, q4, q5, q6, q7, BLOCK_K: tl.constexpr):
+    """[BN, BLOCK_K] in fragment order from the eight [BN, W, 2] pairs of 2-bit-plane words (pair p: codes
+    p and p + 8)."""
+    BN: tl.constexpr = q0.shape[0]
+    WORDS: tl.constexpr = q0.shape[1]
+    v = tl.join(tl.join(tl.join(q0, q1), tl.join(q2, q3)), tl.join(tl.join(q4, q5), tl.join(q6, q7)))
+    v = tl.reshape(v, (BN, 4, WORDS // 4, 2, 2, 2, 2))
+    v = tl.permute(v, (0, 2, 6, 5, 4, 1, 3))  # [BN, u, p2, p1, p0, t, h]
+    return tl.reshape(v, (BN, BLOCK_K))
+
+
+@triton.jit
+def magic_codes(qw_ptr, qh_ptr, z, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr, DT: tl.constexpr,
+                INTERPRETED_BF16: tl.constexpr, EVEN_K: tl.constexpr, FP16_IN_PLACE: tl.constexpr):
+    """[BN, BLOCK_K] `code - z` (zero points `z`, int32 [BN]) in `DT`, exact, for features k0..k0+BLOCK_K of 2-, 3-
+    or 4-bit codes, K in fragment order (`fragment_order`; 3-bit codes in the 2-bit plane's). BLOCK_K must hold a
+    multiple of 4 words per column (of the low plane at 3 bits). INTERPRETED_BF16: Triton 3.9's CPU interpreter
+    bitcasts uint16 to bf16 wrongly (denormals) and computes bf16 arithmetic wrongly, so there the same values
+    come back in fp32 (exact: small integers). 3 bits: each low-plane word's 16 high bits are the int16 at the
+    same index of the high plane. FP16_IN_PLACE (fp16 only) reads both planes in place, views under per-field
+    exponents as in `half_pairs_dot`; otherwise the high bits are spread once per word so that pair p's sit at
+    bits p and p + 16, shifted to bit 2 and OR-ed into the low pair. EVEN_K: every word of the tile exists."""
     PB: tl.constexpr = 2 if BITS == 3 else BITS
     PER: tl.constexpr = 32 // PB
     WORDS: tl.constexpr = BLOCK_K // PER
@@ -312,30 +359,55 @@ def magic_codes(qw_ptr, qh_ptr, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K: t
     else:
         mask = (rows[None, :] < K // PER) & (offs_n[:, None] < N)
     words = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None], mask=mask, other=0).to(tl.uint32, bitcast=True)
+    IN_PLACE: tl.constexpr = FP16_IN_PLACE and BITS == 3 and DT == tl.float16
     if BITS == 3:
         high = tl.load(qh_ptr + rows[None, :] * N + offs_n[:, None], mask=mask, other=0)
         high = high.to(tl.uint16, bitcast=True).to(tl.uint32)
-        high = high | (high << 8)  # code p + 8h's high bit: bit p + 8h -> also p + 16h (bits 8-15: never read)
+        if IN_PLACE:
+            # all-ones fp16 exponents, a constant: a run-time zero OR-ed in (as in plane_dot) stopped Triton from
+            # propagating the mma operand layout back to the loads (the tile then went through shared memory)
+            exps = VIEW_EXPONENTS
+            # low pairs 0-3 / 4-7 at bits 2, 4, 6, 8 of each half; high bit of pair p at bit p + 2
+            high = (((high << 2) | (high << 10)) & 0x03FC03FC) | exps
+        else:
+            high = high | (high << 8)  # code p + 8h's high bit: bit p + 8h -> also p + 16h (bits 8-15: never read)
     else:
         high = words
-    # pairs p = 0 .. PER/2 - 1 joined along new trailing axes, lowest bit of p innermost: [BN, W, h, p0, p1(, p2)]
-    j0 = tl.join(_code_pair(words, high, 0, BITS, DT, INTERPRETED_BF16),
-                 _code_pair(words, high, 1, BITS, DT, INTERPRETED_BF16))
-    j1 = tl.join(_code_pair(words, high, 2, BITS, DT, INTERPRETED_BF16),
-                 _code_pair(words, high, 3, BITS, DT, INTERPRETED_BF16))
-    if PB == 4:
-        v = tl.join(j0, j1)  # [BN, W, h, p0, p1]: code p + 4h, p = p0 + 2 p1
-        v = tl.reshape(v, (BN, 4, WORDS // 4, 2, 2, 2))  # word = t * W/4 + u
-        v = tl.permute(v, (0, 2, 5, 4, 1, 3))  # [BN, u, p1, p0, t, h]
+    if IN_PLACE:
+        # the low, offset and high tiles assembled alike; (low - (z + offset)) + high, exact (integers below 2048).
+        # The offsets are constants inside this chain: a tile of them made before the loop broke the layout
+        # propagation to the mma operand, as a run-time zero in the exponents did
+        low = _pairs_tile(_low_in_place(words, exps, 0), _low_in_place(words, exps, 1), _low_in_place(words, exps, 2),
+                          _low_in_place(words, exps, 3), _low_in_place(words, exps, 4), _low_in_place(words, exps, 5),
+                          _low_in_place(words, exps, 6), _low_in_place(words, exps, 7), BLOCK_K)
+        high_tile = _pairs_tile(_high_in_place(high, 0), _high_in_place(high, 1), _high_in_place(high, 2),
+                                _high_in_place(high, 3), _high_in_place(high, 4), _high_in_place(high, 5),
+                                _high_in_place(high, 6), _high_in_place(high, 7), BLOCK_K)
+        codes = (low + high_tile) - (z.to(DT)[:, None] + tl.full((1, 1), 0, DT))
     else:
-        j2 = tl.join(_code_pair(words, high, 4, BITS, DT, INTERPRETED_BF16),
-                     _code_pair(words, high, 5, BITS, DT, INTERPRETED_BF16))
-        j3 = tl.join(_code_pair(words, high, 6, BITS, DT, INTERPRETED_BF16),
-                     _code_pair(words, high, 7, BITS, DT, INTERPRETED_BF16))
-        v = tl.join(tl.join(j0, j1), tl.join(j2, j3))  # [BN, W, h, p0, p1, p2]: code p + 8h
-        v = tl.reshape(v, (BN, 4, WORDS // 4, 2, 2, 2, 2))
-        v = tl.permute(v, (0, 2, 6, 5, 4, 1, 3))  # [BN, u, p2, p1, p0, t, h]
-    return tl.reshape(v, (BN, BLOCK_K))
+        # pairs p = 0 .. PER/2 - 1 joined along new trailing axes, lowest bit of p innermost: [BN, W, h, p0, p1(, p2)]
+        j0 = tl.join(_code_pair(words, high, 0, BITS, DT, INTERPRETED_BF16),
+                     _code_pair(words, high, 1, BITS, DT, INTERPRETED_BF16))
+        j1 = tl.join(_code_pair(words, high, 2, BITS, DT, INTERPRETED_BF16),
+                     _code_pair(words, high, 3, BITS, DT, INTERPRETED_BF16))
+        if PB == 4:
+            v = tl.join(j0, j1)  # [BN, W, h, p0, p1]: code p + 4h, p = p0 + 2 p1
+            v = tl.reshape(v, (BN, 4, WORDS // 4, 2, 2, 2))  # word = t * W/4 + u
+            v = tl.permute(v, (0, 2, 5, 4, 1, 3))  # [BN, u, p1, p0, t, h]
+        else:
+            j2 = tl.join(_code_pair(words, high, 4, BITS, DT, INTERPRETED_BF16),
+                         _code_pair(words, high, 5, BITS, DT, INTERPRETED_BF16))
+            j3 = tl.join(_code_pair(words, high, 6, BITS, DT, INTERPRETED_BF16),
+                         _code_pair(words, high, 7, BITS, DT, INTERPRETED_BF16))
+            v = tl.join(tl.join(j0, j1), tl.join(j2, j3))  # [BN, W, h, p0, p1, p2]: code p + 8h
+            v = tl.reshape(v, (BN, 4, WORDS // 4, 2, 2, 2, 2))
+            v = tl.permute(v, (0, 2, 6, 5, 4, 1, 3))  # [BN, u, p2, p1, p0, t, h]
+        v = tl.reshape(v, (BN, BLOCK_K))
+        if INTERPRETED_BF16:
+            codes = v - (z.to(tl.float32) + magic_value(DT))[:, None]
+        else:  # broadcast, then add: (z + magic)[:, None] made the compiler swap every pair's halves twice
+            codes = v - (z.to(DT)[:, None] + tl.full((1, 1), magic_value(DT), DT))
+    return codes
 
 
 @triton.jit

@@ -189,15 +189,17 @@ def fit_block_k(block_k: int, group: int) -> int:
     return block_k
 
 
-# from this compute capability the one-row decode of fp16 activations at 2/4 bits multiplies two codes per
-# instruction (`common.half_pairs_dot`): PREDICTED on H100 w2g64 13.2 -> 10.8 instructions per weight byte,
-# 28672x8192 4.87 -> 5.83x fp16 cuBLAS. sm_80's build splits each pair's 32-bit AND into 16-bit halves and
-# packs them back (a PRMT per pair), int-pipe bound: A100 w4g128 3.72 -> 3.22x, so it keeps the fp32 FMAs.
-HALF_PAIRS_MIN_CAPABILITY = 90
+# from this compute capability fp16 codes are read in place, under per-field exponents: the one-row decode at
+# 2/4 bits multiplies two codes per instruction (`common.half_pairs_dot`; PREDICTED on H100 w2g64 13.2 -> 9.8
+# instructions per weight byte, 28672x8192 4.87 -> 5.83x fp16 cuBLAS) and the 3-bit fragment GEMM reads both
+# planes without shifts (`common.magic_codes`; w3g128 M = 1 3.07 -> 4.24x). sm_80's builds of both are worse
+# (the decode's pair ANDs split into 16-bit halves and repacked: A100 w4g128 3.72 -> 3.22x; 3 bits 2.18 ->
+# 2.15x), so A100 keeps the fp32 FMAs and the shifted 3-bit pairs.
+IN_PLACE_FP16_MIN_CAPABILITY = 90
 
 
-def uses_half_pairs(capability: int, block_m: int, dtype_is_fp16: bool) -> bool:
-    return dtype_is_fp16 and block_m == 1 and capability >= HALF_PAIRS_MIN_CAPABILITY
+def fp16_in_place(capability: int, dtype_is_fp16: bool) -> bool:
+    return dtype_is_fp16 and capability >= IN_PLACE_FP16_MIN_CAPABILITY
 
 
 @functools.cache  # asked on every forward call; depends only on the curated candidates

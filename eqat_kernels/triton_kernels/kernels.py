@@ -7,8 +7,8 @@ tile reads its scales and zero points once; the partial last group is masked, ne
 import triton
 import triton.language as tl
 
-from .common import (dequant_tile, exact_float, fragment_order, load_code_tile, load_zeros, magic_codes, magic_value,
-                     mma, plane_dot)
+from .common import (dequant_tile, exact_float, fragment_order, load_code_tile, load_zeros, magic_codes, mma,
+                     plane_dot)
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def gemm_fwd_kernel(
     x_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K, stride_xm, stride_ym,
     K_PER_SPLIT, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FRAGMENT: tl.constexpr, SUB_K: tl.constexpr, EVEN_K: tl.constexpr,
+    FRAGMENT: tl.constexpr, SUB_K: tl.constexpr, EVEN_K: tl.constexpr, IN_PLACE: tl.constexpr,
 ):
     """y[M, N] = x[M, K] @ W_hat^T (+ bias), tiled tl.dot with W dequantized in registers.
 
@@ -62,6 +62,7 @@ def gemm_fwd_kernel(
     tile may hold several groups: it runs as BLOCK_K / SUB_K sub-tiles of one group each (`configs.gemm_tiling`),
     so a small group (w2g64) does not pay a whole iteration's fixed costs per 64 features. EVEN_K (K a multiple
     of BLOCK_K, as in every real layer): no feature masks in the loop (at w2g64 M = 16 they were a tenth of it).
+    IN_PLACE (fp16, `configs.fp16_in_place`): 3-bit codes read from both planes without shifts.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -96,13 +97,10 @@ def gemm_fwd_kernel(
                     # point: in bounds, and its activations are masked to 0
                     gi = tl.minimum(ks, K - 1) // GROUP
                 xt = fragment_order(xt, BITS)
-                # q - z, exact in fp16/bf16; masked words read as code 0, their activations are masked to 0
                 z = load_zeros(qz_ptr, gi, offs_n, N, BITS)
-                w = magic_codes(qw_ptr, qh_ptr, ks, offs_n, K, N, BITS, SUB_K, xt.dtype, UPCAST, EVEN_K)
-                if UPCAST:  # the interpreter's codes come in fp32 (its bf16 conversions are wrong); exact
-                    w = w - (z.to(tl.float32) + magic_value(xt.dtype))[:, None]
-                else:  # broadcast, then add: (z + magic)[:, None] made the compiler swap every pair's halves twice
-                    w = w - (z.to(xt.dtype)[:, None] + tl.full((1, 1), magic_value(xt.dtype), xt.dtype))
+                # q - z, exact in fp16/bf16 (fp32 under the interpreter's bf16); masked words read as code 0, their
+                # activations are masked to 0
+                w = magic_codes(qw_ptr, qh_ptr, z, ks, offs_n, K, N, BITS, SUB_K, xt.dtype, UPCAST, EVEN_K, IN_PLACE)
                 s = tl.load(s_ptr + gi * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
                 part = mma(w, xt, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), DOT_PRECISION, UPCAST)
                 acc_t += s[:, None] * part
@@ -131,7 +129,7 @@ def decode_splitk_kernel(
     A program serves BLOCK_M rows, so a weight is loaded and unpacked once for all of them (M = 2..4 would
     otherwise read the whole weight once per row). At 2 and 4 bits the codes are read in place (`plane_dot`:
     an AND and a subtraction per weight, an FMA per row; HALF_PAIRS, one fp16 row: the same per pair of codes,
-    `configs.uses_half_pairs`); 3-bit codes are combined from their two planes first.
+    `configs.fp16_in_place`); 3-bit codes are combined from their two planes first.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)

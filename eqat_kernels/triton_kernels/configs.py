@@ -138,6 +138,11 @@ BITS_CANDIDATES: dict[tuple[str, int], list[tuple[int | None, list[KernelConfig]
     # 2.17/3.05/4.07x -> 2.29/3.26/4.17x); at 2 bits it loses on the larger layers, so 2 bits keep the default
     ("gemm", 4): _HALF_SPLIT_GEMM,
     ("gemm", 3): _HALF_SPLIT_GEMM,
+    # 2-bit rows are half the bytes of 4-bit ones: the fp16 decode's programs (two codes per instruction) ran out of
+    # bytes in flight at ~4 warps per SM (latency efficiency 0.61 on 4096^2); 6 warps: H100 w2g64 M = 1 fp16
+    # 2.46/4.28/5.83x -> 2.92/4.29/6.26x fp16 cuBLAS, bf16 and A100 within 1% (PREDICTED, docs/RESULTS.md)
+    ("decode", 2): ([(1, [KernelConfig(1, 256, 64, 2, sm_warps=6), KernelConfig(1, 128, 128)])]
+                    + CANDIDATES["decode"][1:]),
     ("decode", 3): [(1, [KernelConfig(1, 128, 128), KernelConfig(1, 64, 128)]),
                     (2, [KernelConfig(2, 128, 64, 2, sm_warps=4)]),
                     (None, [KernelConfig(4, 128, 64, 4)])],

@@ -216,12 +216,13 @@ def test_fragment_order_gemm_matches_reference(poisoned_outputs, bits, group, dt
 
 
 @pytest.mark.parametrize("capability", [80, 90])
-@pytest.mark.parametrize("group,m,scale", [(128, 1, 1.0), (64, 19, 1.0), (-1, 3, 300.0)])
-def test_3bit_fp16_gemm_on_either_architecture(poisoned_outputs, monkeypatch, capability, group, m, scale):
-    """3-bit fp16 codes are read from both planes in place from sm_90 (`configs.fp16_in_place`), shifted
-    below; both against the fp64 reference, M = 1 included, K with a partial last group."""
+@pytest.mark.parametrize("bits,group,m,scale", [(3, 128, 1, 1.0), (3, 64, 19, 1.0), (3, -1, 3, 300.0),
+                                                (2, 64, 19, 1.0), (2, -1, 2, 300.0)])
+def test_fp16_fragment_gemm_on_either_architecture(poisoned_outputs, monkeypatch, capability, bits, group, m, scale):
+    """2/3-bit fp16 codes are read in place in the fragment-order GEMM from sm_90 (`configs.fp16_in_place`; 3 bits:
+    both planes), shifted below; both against the fp64 reference, K with a partial last group."""
     monkeypatch.setattr(ops, "target_capability", lambda device: capability)
-    spec, qweight, qzeros, scales, weight, x, _ = _setup(3, group, torch.float16, m, 224, 576)
+    spec, qweight, qzeros, scales, weight, x, _ = _setup(bits, group, torch.float16, m, 224, 576)
     x = (x.float() * scale).half()
     assert configs.fp16_in_place(capability, True) == (capability >= 90)
     ref = reference.forward(x.double(), qweight, qzeros, scales, spec)

@@ -311,14 +311,22 @@ def _fp16_pair(m):
 
 
 @triton.jit
-def _low_in_place(words, exps, p: tl.constexpr):
-    """2^e + low bits of codes p and p + 8 (fp16 pair): one AND under the view's all-ones exponents."""
+def _low_in_place(words, p: tl.constexpr, BITS: tl.constexpr):
+    """The 2-bit fields of codes p and p + 8 of 2-bit-plane words as an fp16 pair, minus the offsets their
+    exponents add (at 3 bits also the high bit's, `offset3`): one AND under the view's all-ones exponents and an
+    HADD2 with an immediate. Views: bits 0-7 / 8-15 of each half at bits 2-9 (in a constant: a run-time zero
+    OR-ed in, as in plane_dot, stopped Triton from propagating the mma operand layout back to the loads)."""
     POS: tl.constexpr = 2 * (p % 4) + 2
     if p < 4:
-        view = ((words << 2) & 0x03FC03FC) | exps
+        view = ((words << 2) & 0x03FC03FC) | VIEW_EXPONENTS
     else:
-        view = ((words >> 6) & 0x03FC03FC) | exps
-    return _fp16_pair(view & (((3 << POS) | ((25 - POS) << 10)) * 0x00010001)) - offset3(p)
+        view = ((words >> 6) & 0x03FC03FC) | VIEW_EXPONENTS
+    pair = _fp16_pair(view & (((3 << POS) | ((25 - POS) << 10)) * 0x00010001))
+    if BITS == 3:
+        pair = pair - offset3(p)
+    else:
+        pair = pair - (1 << (10 - POS))
+    return pair
 
 
 @triton.jit
@@ -347,9 +355,10 @@ def magic_codes(qw_ptr, qh_ptr, z, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K
     multiple of 4 words per column (of the low plane at 3 bits). INTERPRETED_BF16: Triton 3.9's CPU interpreter
     bitcasts uint16 to bf16 wrongly (denormals) and computes bf16 arithmetic wrongly, so there the same values
     come back in fp32 (exact: small integers). 3 bits: each low-plane word's 16 high bits are the int16 at the
-    same index of the high plane. FP16_IN_PLACE (fp16 only) reads both planes in place, views under per-field
-    exponents as in `half_pairs_dot`; otherwise the high bits are spread once per word so that pair p's sit at
-    bits p and p + 16, shifted to bit 2 and OR-ed into the low pair. EVEN_K: every word of the tile exists."""
+    same index of the high plane. FP16_IN_PLACE (fp16 only) reads 2-bit codes and both 3-bit planes in place,
+    views under per-field exponents as in `half_pairs_dot`; otherwise each pair is shifted down and, at 3 bits,
+    the high bits, spread once per word so that pair p's sit at bits p and p + 16, are shifted to bit 2 and OR-ed
+    into the low pair. EVEN_K: every word of the tile exists."""
     PB: tl.constexpr = 2 if BITS == 3 else BITS
     PER: tl.constexpr = 32 // PB
     WORDS: tl.constexpr = BLOCK_K // PER
@@ -360,31 +369,27 @@ def magic_codes(qw_ptr, qh_ptr, z, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K
     else:
         mask = (rows[None, :] < K // PER) & (offs_n[:, None] < N)
     words = tl.load(qw_ptr + rows[None, :] * N + offs_n[:, None], mask=mask, other=0).to(tl.uint32, bitcast=True)
-    IN_PLACE: tl.constexpr = FP16_IN_PLACE and BITS == 3 and DT == tl.float16
+    IN_PLACE: tl.constexpr = FP16_IN_PLACE and (BITS == 2 or BITS == 3) and DT == tl.float16
     if BITS == 3:
         high = tl.load(qh_ptr + rows[None, :] * N + offs_n[:, None], mask=mask, other=0)
         high = high.to(tl.uint16, bitcast=True).to(tl.uint32)
-        if IN_PLACE:
-            # all-ones fp16 exponents, a constant: a run-time zero OR-ed in (as in plane_dot) stopped Triton from
-            # propagating the mma operand layout back to the loads (the tile then went through shared memory)
-            exps = VIEW_EXPONENTS
-            # low pairs 0-3 / 4-7 at bits 2, 4, 6, 8 of each half; high bit of pair p at bit p + 2
-            high = (((high << 2) | (high << 10)) & 0x03FC03FC) | exps
+        if IN_PLACE:  # the high bit of pair p at bit p + 2 of each half, all-ones exponents
+            high = (((high << 2) | (high << 10)) & 0x03FC03FC) | VIEW_EXPONENTS
         else:
             high = high | (high << 8)  # code p + 8h's high bit: bit p + 8h -> also p + 16h (bits 8-15: never read)
     else:
         high = words
     if IN_PLACE:
-        # the low, offset and high tiles assembled alike; (low - (z + offset)) + high, exact (integers below 2048).
-        # The offsets are constants inside this chain: a tile of them made before the loop broke the layout
-        # propagation to the mma operand, as a run-time zero in the exponents did
-        low = _pairs_tile(_low_in_place(words, exps, 0), _low_in_place(words, exps, 1), _low_in_place(words, exps, 2),
-                          _low_in_place(words, exps, 3), _low_in_place(words, exps, 4), _low_in_place(words, exps, 5),
-                          _low_in_place(words, exps, 6), _low_in_place(words, exps, 7), BLOCK_K)
-        high_tile = _pairs_tile(_high_in_place(high, 0), _high_in_place(high, 1), _high_in_place(high, 2),
-                                _high_in_place(high, 3), _high_in_place(high, 4), _high_in_place(high, 5),
-                                _high_in_place(high, 6), _high_in_place(high, 7), BLOCK_K)
-        codes = (low + high_tile) - (z.to(DT)[:, None] + tl.full((1, 1), 0, DT))
+        # low pairs minus their offsets (constants per pair: a tile of them made before the loop broke the layout
+        # propagation to the mma operand), plus the high tile at 3 bits, minus z: exact (integers below 2048)
+        codes = _pairs_tile(_low_in_place(words, 0, BITS), _low_in_place(words, 1, BITS), _low_in_place(words, 2, BITS),
+                            _low_in_place(words, 3, BITS), _low_in_place(words, 4, BITS), _low_in_place(words, 5, BITS),
+                            _low_in_place(words, 6, BITS), _low_in_place(words, 7, BITS), BLOCK_K)
+        if BITS == 3:
+            codes += _pairs_tile(_high_in_place(high, 0), _high_in_place(high, 1), _high_in_place(high, 2),
+                                 _high_in_place(high, 3), _high_in_place(high, 4), _high_in_place(high, 5),
+                                 _high_in_place(high, 6), _high_in_place(high, 7), BLOCK_K)
+        codes = codes - (z.to(DT)[:, None] + tl.full((1, 1), 0, DT))
     else:
         # pairs p = 0 .. PER/2 - 1 joined along new trailing axes, lowest bit of p innermost: [BN, W, h, p0, p1(, p2)]
         j0 = tl.join(_code_pair(words, high, 0, BITS, DT, INTERPRETED_BF16),

@@ -62,7 +62,7 @@ def gemm_fwd_kernel(
     tile may hold several groups: it runs as BLOCK_K / SUB_K sub-tiles of one group each (`configs.gemm_tiling`),
     so a small group (w2g64) does not pay a whole iteration's fixed costs per 64 features. EVEN_K (K a multiple
     of BLOCK_K, as in every real layer): no feature masks in the loop (at w2g64 M = 16 they were a tenth of it).
-    IN_PLACE (fp16, `configs.fp16_in_place`): 3-bit codes read from both planes without shifts.
+    IN_PLACE (fp16, `configs.fp16_in_place`): 2-bit codes and both 3-bit planes read without shifts.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)

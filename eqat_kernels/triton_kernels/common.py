@@ -99,7 +99,7 @@ VIEW_BITS = tl.constexpr(8)  # payload bits per half of a view (mask 0x00FF00FF)
 
 
 @triton.jit
-def half_pairs_dot(x_tile, words, k0, k, K, BITS: tl.constexpr, WORDS: tl.constexpr, BN: tl.constexpr):
+def half_pairs_dot(x_tile, words, k, K, BITS: tl.constexpr, WORDS: tl.constexpr, BN: tl.constexpr):
     """(sum_k x[k] * code[k, n], sum_k x[k]) for one fp16 row, two codes per instruction: codes j and j + HALF
     of a word (one in each 16-bit half) are one fp16 pair, read in place under per-field exponents.
 
@@ -117,17 +117,13 @@ def half_pairs_dot(x_tile, words, k0, k, K, BITS: tl.constexpr, WORDS: tl.conste
     x = tl.load(x_tile + k, mask=k < K, other=0.0)  # [WORDS, PER] fp16
     # [WORDS, 2, HALF] -> per field j the activations of codes j and j + HALF as a trailing pair axis
     pairs = field_columns(tl.reshape(x, (WORDS, 2, HALF)), 2 * BITS)
-    # k0 >> 31 (0, unknown to the compiler) keeps the exponents out of each field's AND (see plane_dot)
-    exps = (tl.full((), VIEW_EXPONENTS, tl.int32) | (k0 >> 31)).to(tl.uint32, bitcast=True)
-    views = ((words & 0x00FF00FF) | exps, ((words >> VIEW_BITS) & 0x00FF00FF) | exps)
+    views = ((words & 0x00FF00FF) | VIEW_EXPONENTS, ((words >> VIEW_BITS) & 0x00FF00FF) | VIEW_EXPONENTS)
     part = tl.zeros((WORDS, BN), dtype=tl.float32)
     for v in tl.static_range(2):
         acc = tl.zeros((WORDS, BN, 2), dtype=tl.float16)
         for f in tl.static_range(FIELDS):
             field = views[v] & ((((1 << BITS) - 1) << (BITS * f)) | ((25 - BITS * f) << 10)) * 0x00010001
-            lo = (field & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
-            hi = (field >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
-            centred = tl.join(lo, hi) - ((1 << (10 - BITS * f)) + (1 << (BITS - 1)))
+            centred = _fp16_pair(field) - ((1 << (10 - BITS * f)) + (1 << (BITS - 1)))
             acc += centred * pairs[v * FIELDS + f][:, None, :]
         part += tl.sum(acc.to(tl.float32), axis=2)
     xsum = tl.zeros((1,), dtype=tl.float32) + tl.sum(tl.sum(x.to(tl.float32), axis=1), axis=0)
@@ -161,7 +157,7 @@ def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BI
     fields = tl.arange(0, PER)
     k = k0 + tl.arange(0, WORDS)[:, None] * PER + fields[None, :]  # [WORDS, PER]
     if HALF_PAIRS:  # one fp16 row, two codes per instruction
-        dot, xsum = half_pairs_dot(x_tile, words, k0, k, K, BITS, WORDS, offs_n.shape[0])
+        dot, xsum = half_pairs_dot(x_tile, words, k, K, BITS, WORDS, offs_n.shape[0])
     elif BLOCK_M == 1:
         # field j is read in place from its 16-bit half: code * 2^(BITS*(j % HALF)), below 2^16
         rescale = ((127 - (fields % HALF) * BITS) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS*(j % HALF)), exact

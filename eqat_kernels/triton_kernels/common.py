@@ -99,7 +99,7 @@ VIEW_BITS = tl.constexpr(8)  # payload bits per half of a view (mask 0x00FF00FF)
 
 
 @triton.jit
-def half_pairs_dot(x_tile, words, k, K, BITS: tl.constexpr, WORDS: tl.constexpr, BN: tl.constexpr):
+def half_pairs_dot(x_tile, words, k, K, BITS: tl.constexpr):
     """(sum_k x[k] * code[k, n], sum_k x[k]) for one fp16 row, two codes per instruction: codes j and j + HALF
     of a word (one in each 16-bit half) are one fp16 pair, read in place under per-field exponents.
 
@@ -111,8 +111,9 @@ def half_pairs_dot(x_tile, words, k, K, BITS: tl.constexpr, WORDS: tl.constexpr,
     max|x|) and then go to fp32; the centring comes back as 2^(BITS-1) * sum(x). No int -> float conversion, no
     shift per field; the fp16 partials about double the output's own rounding error (3-4e-4 against 2e-4
     relative in the interpreter tests, tolerance 1e-3)."""
-    PER: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = PER // 2
+    WORDS: tl.constexpr = words.shape[0]
+    BN: tl.constexpr = words.shape[1]
+    HALF: tl.constexpr = 16 // BITS
     FIELDS: tl.constexpr = VIEW_BITS // BITS  # fields per view
     x = tl.load(x_tile + k, mask=k < K, other=0.0)  # [WORDS, PER] fp16
     # [WORDS, 2, HALF] -> per field j the activations of codes j and j + HALF as a trailing pair axis
@@ -123,7 +124,7 @@ def half_pairs_dot(x_tile, words, k, K, BITS: tl.constexpr, WORDS: tl.constexpr,
         acc = tl.zeros((WORDS, BN, 2), dtype=tl.float16)
         for f in tl.static_range(FIELDS):
             field = views[v] & ((((1 << BITS) - 1) << (BITS * f)) | ((25 - BITS * f) << 10)) * 0x00010001
-            centred = _fp16_pair(field) - ((1 << (10 - BITS * f)) + (1 << (BITS - 1)))
+            centred = _half_pair(field, tl.float16) - ((1 << (10 - BITS * f)) + (1 << (BITS - 1)))
             acc += centred * pairs[v * FIELDS + f][:, None, :]
         part += tl.sum(acc.to(tl.float32), axis=2)
     xsum = tl.zeros((1,), dtype=tl.float32) + tl.sum(tl.sum(x.to(tl.float32), axis=1), axis=0)
@@ -157,7 +158,7 @@ def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BI
     fields = tl.arange(0, PER)
     k = k0 + tl.arange(0, WORDS)[:, None] * PER + fields[None, :]  # [WORDS, PER]
     if HALF_PAIRS:  # one fp16 row, two codes per instruction
-        dot, xsum = half_pairs_dot(x_tile, words, k, K, BITS, WORDS, offs_n.shape[0])
+        dot, xsum = half_pairs_dot(x_tile, words, k, K, BITS)
     elif BLOCK_M == 1:
         # field j is read in place from its 16-bit half: code * 2^(BITS*(j % HALF)), below 2^16
         rescale = ((127 - (fields % HALF) * BITS) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS*(j % HALF)), exact
@@ -264,6 +265,12 @@ def magic_value(DT: tl.constexpr):
 
 
 @triton.jit
+def _half_pair(m, DT: tl.constexpr):
+    """The two 16-bit halves of uint32 `m` as `DT` (fp16/bf16), a trailing pair axis, bitcast in place."""
+    return tl.join((m & 0xFFFF).to(tl.uint16).to(DT, bitcast=True), (m >> 16).to(tl.uint16).to(DT, bitcast=True))
+
+
+@triton.jit
 def _code_pair(words, high, p: tl.constexpr, BITS: tl.constexpr, DT: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
     """(magic + code p, magic + code p + 16/B) in `DT` for every word, as a trailing pair axis (B: the plane's
     bits, 2 for 3-bit codes): one LOP3 per pair, the halves bitcast in place (INTERPRETED_BF16: in fp32, see
@@ -284,26 +291,19 @@ def _code_pair(words, high, p: tl.constexpr, BITS: tl.constexpr, DT: tl.constexp
     if INTERPRETED_BF16:
         lo = ((m & 0xFFFF) << 16).to(tl.float32, bitcast=True)  # bf16 is fp32's upper half
         hi = ((m >> 16) << 16).to(tl.float32, bitcast=True)
-    else:
-        lo = (m & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
-        hi = (m >> 16).to(tl.uint16).to(DT, bitcast=True)
-    return tl.join(lo, hi)
+        return tl.join(lo, hi)
+    return _half_pair(m, DT)
 
 
 # 3-bit codes in place (fp16): the low plane's pair p sits at bit 2 (p % 4) + 2 of a view, its high bits at bit
 # p + 2 of the high view, both under per-field exponents, so two ANDs leave 2^e + low and 2^e' + 4 high exactly;
-# their sum (< 2048: exact) is `code + offset3(p)`, and the offsets leave after the mma, through sum(offset x)
+# their sum (< 2048: exact) is `code + offset3(p)`, a constant subtracted from the low pair
 @triton.jit
-def offset3(p):
-    """2^e + 2^e' that the in-place 3-bit tile adds to a code of pair `p` (0..7; int32 tensor or constexpr)."""
+def offset3(p: tl.constexpr):
+    """2^e + 2^e' that the in-place 3-bit pair p (0..7) carries on top of its code."""
     return (1 << (8 - 2 * (p % 4))) + (1 << (10 - p))
 
 
-@triton.jit
-def _fp16_pair(m):
-    """The two 16-bit halves of uint32 `m` as fp16, a trailing pair axis."""
-    return tl.join((m & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True),
-                   (m >> 16).to(tl.uint16).to(tl.float16, bitcast=True))
 
 
 @triton.jit
@@ -317,7 +317,7 @@ def _low_in_place(words, p: tl.constexpr, BITS: tl.constexpr):
         view = ((words << 2) & 0x03FC03FC) | VIEW_EXPONENTS
     else:
         view = ((words >> 6) & 0x03FC03FC) | VIEW_EXPONENTS
-    pair = _fp16_pair(view & (((3 << POS) | ((25 - POS) << 10)) * 0x00010001))
+    pair = _half_pair(view & (((3 << POS) | ((25 - POS) << 10)) * 0x00010001), tl.float16)
     if BITS == 3:
         pair = pair - offset3(p)
     else:
@@ -328,7 +328,7 @@ def _low_in_place(words, p: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _high_in_place(high_view, p: tl.constexpr):
     """2^e' + 4 x high bit of codes p and p + 8 (fp16 pair): one AND."""
-    return _fp16_pair(high_view & (((1 << (p + 2)) | ((25 - p) << 10)) * 0x00010001))
+    return _half_pair(high_view & (((1 << (p + 2)) | ((25 - p) << 10)) * 0x00010001), tl.float16)
 
 
 @triton.jit
@@ -377,39 +377,39 @@ def magic_codes(qw_ptr, qh_ptr, z, k0, offs_n, K, N, BITS: tl.constexpr, BLOCK_K
         high = words
     if IN_PLACE:
         # low pairs minus their offsets (constants per pair: a tile of them made before the loop broke the layout
-        # propagation to the mma operand), plus the high tile at 3 bits, minus z: exact (integers below 2048)
-        codes = _pairs_tile(_low_in_place(words, 0, BITS), _low_in_place(words, 1, BITS), _low_in_place(words, 2, BITS),
-                            _low_in_place(words, 3, BITS), _low_in_place(words, 4, BITS), _low_in_place(words, 5, BITS),
-                            _low_in_place(words, 6, BITS), _low_in_place(words, 7, BITS), BLOCK_K)
+        # propagation to the mma operand), plus the high tile at 3 bits: exact codes (integers below 2048)
+        v = _pairs_tile(_low_in_place(words, 0, BITS), _low_in_place(words, 1, BITS), _low_in_place(words, 2, BITS),
+                        _low_in_place(words, 3, BITS), _low_in_place(words, 4, BITS), _low_in_place(words, 5, BITS),
+                        _low_in_place(words, 6, BITS), _low_in_place(words, 7, BITS), BLOCK_K)
         if BITS == 3:
-            codes += _pairs_tile(_high_in_place(high, 0), _high_in_place(high, 1), _high_in_place(high, 2),
-                                 _high_in_place(high, 3), _high_in_place(high, 4), _high_in_place(high, 5),
-                                 _high_in_place(high, 6), _high_in_place(high, 7), BLOCK_K)
-        codes = codes - (z.to(DT)[:, None] + tl.full((1, 1), 0, DT))
-    else:
-        # pairs p = 0 .. PER/2 - 1 joined along new trailing axes, lowest bit of p innermost: [BN, W, h, p0, p1(, p2)]
-        j0 = tl.join(_code_pair(words, high, 0, BITS, DT, INTERPRETED_BF16),
-                     _code_pair(words, high, 1, BITS, DT, INTERPRETED_BF16))
-        j1 = tl.join(_code_pair(words, high, 2, BITS, DT, INTERPRETED_BF16),
-                     _code_pair(words, high, 3, BITS, DT, INTERPRETED_BF16))
-        if PB == 4:
-            v = tl.join(j0, j1)  # [BN, W, h, p0, p1]: code p + 4h, p = p0 + 2 p1
-            v = tl.reshape(v, (BN, 4, WORDS // 4, 2, 2, 2))  # word = t * W/4 + u
-            v = tl.permute(v, (0, 2, 5, 4, 1, 3))  # [BN, u, p1, p0, t, h]
-        else:
-            j2 = tl.join(_code_pair(words, high, 4, BITS, DT, INTERPRETED_BF16),
-                         _code_pair(words, high, 5, BITS, DT, INTERPRETED_BF16))
-            j3 = tl.join(_code_pair(words, high, 6, BITS, DT, INTERPRETED_BF16),
-                         _code_pair(words, high, 7, BITS, DT, INTERPRETED_BF16))
-            v = tl.join(tl.join(j0, j1), tl.join(j2, j3))  # [BN, W, h, p0, p1, p2]: code p + 8h
-            v = tl.reshape(v, (BN, 4, WORDS // 4, 2, 2, 2, 2))
-            v = tl.permute(v, (0, 2, 6, 5, 4, 1, 3))  # [BN, u, p2, p1, p0, t, h]
+            v += _pairs_tile(_high_in_place(high, 0), _high_in_place(high, 1), _high_in_place(high, 2),
+                             _high_in_place(high, 3), _high_in_place(high, 4), _high_in_place(high, 5),
+                             _high_in_place(high, 6), _high_in_place(high, 7), BLOCK_K)
+        magic = 0.0
+    elif PB == 4:
+        # pairs p = 0..3 joined along new trailing axes, lowest bit of p innermost: [BN, W, h, p0, p1]
+        v = tl.join(tl.join(_code_pair(words, high, 0, BITS, DT, INTERPRETED_BF16),
+                            _code_pair(words, high, 1, BITS, DT, INTERPRETED_BF16)),
+                    tl.join(_code_pair(words, high, 2, BITS, DT, INTERPRETED_BF16),
+                            _code_pair(words, high, 3, BITS, DT, INTERPRETED_BF16)))  # code p + 4h, p = p0 + 2 p1
+        v = tl.reshape(v, (BN, 4, WORDS // 4, 2, 2, 2))  # word = t * W/4 + u
+        v = tl.permute(v, (0, 2, 5, 4, 1, 3))  # [BN, u, p1, p0, t, h]
         v = tl.reshape(v, (BN, BLOCK_K))
-        if INTERPRETED_BF16:
-            codes = v - (z.to(tl.float32) + magic_value(DT))[:, None]
-        else:  # broadcast, then add: (z + magic)[:, None] made the compiler swap every pair's halves twice
-            codes = v - (z.to(DT)[:, None] + tl.full((1, 1), magic_value(DT), DT))
-    return codes
+        magic = magic_value(DT)
+    else:
+        v = _pairs_tile(_code_pair(words, high, 0, BITS, DT, INTERPRETED_BF16),
+                        _code_pair(words, high, 1, BITS, DT, INTERPRETED_BF16),
+                        _code_pair(words, high, 2, BITS, DT, INTERPRETED_BF16),
+                        _code_pair(words, high, 3, BITS, DT, INTERPRETED_BF16),
+                        _code_pair(words, high, 4, BITS, DT, INTERPRETED_BF16),
+                        _code_pair(words, high, 5, BITS, DT, INTERPRETED_BF16),
+                        _code_pair(words, high, 6, BITS, DT, INTERPRETED_BF16),
+                        _code_pair(words, high, 7, BITS, DT, INTERPRETED_BF16), BLOCK_K)
+        magic = magic_value(DT)
+    if INTERPRETED_BF16:
+        return v - (z.to(tl.float32) + magic)[:, None]
+    # broadcast, then add: (z + magic)[:, None] made the compiler swap every pair's halves twice
+    return v - (z.to(DT)[:, None] + tl.full((1, 1), magic, DT))
 
 
 @triton.jit

@@ -11,8 +11,8 @@ import triton
 from ..packing import split_3bit_planes
 from ..spec import QuantSpec
 from . import kernels
-from .configs import (KernelConfig, decode_max_m, fit_block_k, gemm_tiling, k_ranges, select_config, uses_dense,
-                      fp16_in_place)
+from .configs import (KernelConfig, decode_max_m, fit_block_k, fp16_in_place, gemm_tiling, k_ranges, select_config,
+                      uses_dense)
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SM_COUNT_FALLBACK = 132  # off a GPU (the interpreter, AOT builds): an H100's
@@ -149,7 +149,9 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
     check_packed(weight, scales, spec, x.device)
     m, n, k = x2.shape[0], spec.out_features, spec.in_features
     half = x.dtype != torch.float32
-    if config is None and uses_dense("forward", m, target_capability(x.device), half, spec.bits):
+    capability = target_capability(x.device)
+    in_place = fp16_in_place(capability, x.dtype == torch.float16)
+    if config is None and uses_dense("forward", m, capability, half, spec.bits):
         y = dense_matmul(x2, dequantize(weight, scales, spec, x.dtype).t())
         if bias is not None:
             y += bias.to(y.dtype)
@@ -172,7 +174,7 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
             x2, *weight, scales, y if bias is None else bias, y, ws, _tickets(x.device, n_tiles * m_tiles),
             m, n, k, x2.stride(0), y.stride(0), k_per_split, GROUP=spec.group, BITS=spec.bits,
             HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
-            HALF_PAIRS=cfg.block_m == 1 and fp16_in_place(target_capability(x.device), x.dtype == torch.float16),
+            HALF_PAIRS=in_place and cfg.block_m == 1,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
@@ -186,7 +188,7 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
             x2.stride(0), y.stride(0), k_per_split, GROUP=spec.group, BITS=spec.bits, HAS_BIAS=bias is not None,
             **_dot_args(x.dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
             GROUP_M=cfg.group_m, FRAGMENT=fragment, SUB_K=sub_k, EVEN_K=k % bk == 0,
-            IN_PLACE=fp16_in_place(target_capability(x.device), x.dtype == torch.float16),
+            IN_PLACE=in_place,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return y.reshape(*x.shape[:-1], n)

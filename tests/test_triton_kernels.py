@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from eqat_kernels import reference
+from eqat_kernels import packing, reference
 from eqat_kernels.quantizer import expand_groups
 from eqat_kernels.spec import QuantSpec
 from eqat_kernels.triton_kernels import configs, ops
@@ -93,7 +93,7 @@ def test_one_row_fp16_decode_matches_reference_on_either_architecture(poisoned_o
                                                                       bits, group, scale):
     """M = 1 in fp16: two codes per instruction with fp16 partial sums from sm_90 (`configs.fp16_in_place`),
     fp32 FMAs below; both against the fp64 reference, also with activations of a few hundred (the partials
-    reach 16x the largest one), N off the tile width, K = 576 leaving a partial last group."""
+    reach 32x the largest one), N off the tile width, K = 576 leaving a partial last group."""
     monkeypatch.setattr(ops, "target_capability", lambda device: capability)
     spec, qweight, qzeros, scales, weight, x, _ = _setup(bits, group, torch.float16, 1, 192, 576)
     x = (x.float() * scale).half()
@@ -101,6 +101,22 @@ def test_one_row_fp16_decode_matches_reference_on_either_architecture(poisoned_o
     assert cfg.block_m == 1 and configs.fp16_in_place(capability, True) == (capability >= 90)
     ref = reference.forward(x.double(), qweight, qzeros, scales, spec)
     assert rel_err(ops.forward(x, weight, scales, spec), ref) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("bits,code", [(4, 0), (4, 15), (2, 0)])
+def test_fp16_pairs_hold_the_largest_partial_without_overflow(poisoned_outputs, monkeypatch, bits, code):
+    """The sm_90 one-row decode's fp16 partials (a word's 16 / bits products per lane) stay finite at their
+    documented bound: every activation 2047 and every code at an end of its range (at 4 bits, code 0 makes
+    a word's partial exactly -65504, fp16's largest magnitude)."""
+    monkeypatch.setattr(ops, "target_capability", lambda device: 90)
+    spec = QuantSpec(bits, 128, 576, 192)
+    codes = torch.full((576, 192), code, dtype=torch.int32)
+    zeros = torch.randint(0, spec.qmax + 1, spec.scales_shape, dtype=torch.int32)
+    qweight, qzeros = packing.pack_qweight(codes, bits), packing.pack_qzeros(zeros, bits)
+    scales = torch.full(spec.scales_shape, 1e-4).half()
+    x = torch.full((1, 576), 2047.0).half()
+    ref = reference.forward(x.double(), qweight, qzeros, scales, spec)
+    assert rel_err(ops.forward(x, ops.prepare_weight(qweight, qzeros, spec), scales, spec), ref) < TOLERANCE[torch.float16]
 
 
 @pytest.mark.parametrize("sms", [1, 132])

@@ -103,6 +103,22 @@ def test_one_row_fp16_decode_matches_reference_on_either_architecture(poisoned_o
     assert rel_err(ops.forward(x, weight, scales, spec), ref) < TOLERANCE[torch.float16]
 
 
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("bits,group,dtype,m", [(4, 128, torch.float16, 1), (2, 64, torch.float16, 1),
+                                                (4, 32, torch.bfloat16, 1), (2, 128, torch.float32, 3),
+                                                (3, 64, torch.float32, 1)])
+def test_decode_on_whole_tiles_loads_without_masks(poisoned_outputs, monkeypatch, capability, bits, group, dtype, m):
+    """N and K multiples of the decode tile (every real layer): the loop's loads go unmasked (`EVEN`); a
+    wrong index there reads a neighbouring tile's codes or activations, which the fp64 reference sees."""
+    monkeypatch.setattr(ops, "target_capability", lambda device: capability)
+    n, k = 512, 512
+    spec, qweight, qzeros, scales, weight, x, _ = _setup(bits, group, dtype, m, n, k)
+    cfg = configs.select_config("decode", m, n, k, bits, spec.group)
+    assert n % cfg.block_n == 0 and k % configs.fit_block_k(cfg.block_k, spec.group) == 0
+    ref = reference.forward(x.double(), qweight, qzeros, scales, spec)
+    assert rel_err(ops.forward(x, weight, scales, spec), ref) < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("bits,code", [(4, 0), (4, 15), (2, 0)])
 def test_fp16_pairs_hold_the_largest_partial_without_overflow(poisoned_outputs, monkeypatch, bits, code):
     """The sm_90 one-row decode's fp16 partials (a word's 16 / bits products per lane) stay finite at their

@@ -99,7 +99,7 @@ VIEW_BITS = tl.constexpr(8)  # payload bits per half of a view (mask 0x00FF00FF)
 
 
 @triton.jit
-def half_pairs_dot(x_tile, words, k, K, BITS: tl.constexpr):
+def half_pairs_dot(x_tile, words, k, K, BITS: tl.constexpr, EVEN: tl.constexpr):
     """(sum_k x[k] * code[k, n], sum_k x[k]) for one fp16 row, two codes per instruction: codes j and j + HALF
     of a word (one in each 16-bit half) are one fp16 pair, read in place under per-field exponents.
 
@@ -116,7 +116,7 @@ def half_pairs_dot(x_tile, words, k, K, BITS: tl.constexpr):
     BN: tl.constexpr = words.shape[1]
     HALF: tl.constexpr = 16 // BITS
     FIELDS: tl.constexpr = VIEW_BITS // BITS  # fields per view
-    x = tl.load(x_tile + k, mask=k < K, other=0.0)  # [WORDS, PER] fp16
+    x = tl.load(x_tile + k) if EVEN else tl.load(x_tile + k, mask=k < K, other=0.0)  # [WORDS, PER] fp16
     # [WORDS, 2, HALF] -> per field j the activations of codes j and j + HALF as a trailing pair axis
     pairs = field_columns(tl.reshape(x, (WORDS, 2, HALF)), 2 * BITS)
     views = ((words & 0x00FF00FF) | VIEW_EXPONENTS, ((words >> VIEW_BITS) & 0x00FF00FF) | VIEW_EXPONENTS)
@@ -134,7 +134,7 @@ def half_pairs_dot(x_tile, words, k, K, BITS: tl.constexpr):
 
 @triton.jit
 def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BITS: tl.constexpr,
-              BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, HALF_PAIRS: tl.constexpr):
+              BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, HALF_PAIRS: tl.constexpr, EVEN: tl.constexpr):
     """(sum_k x[r, k] * code[k, n], sum_k x[r, k]) over k0..k0+BLOCK_K for the BLOCK_M rows at `x_tile`
     (rows from `m_rows` on are masked) of a plane whose codes never straddle words: `[BLOCK_M, BN]`, `[BLOCK_M]`.
 
@@ -147,23 +147,28 @@ def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BI
     weights and no cross-thread sum inside the K loop. Several rows: a field as a float is code * 2^(BITS*j)
     after one conversion, shared by the rows' FMAs; a partial sum per field, [rows, words, fields, columns],
     is rescaled after the K sum (the one-row form spills at 4 rows, and so does the magic form). HALF_PAIRS
-    (one fp16 row, `configs.fp16_in_place`): two codes per instruction, `half_pairs_dot`.
+    (one fp16 row, `configs.fp16_in_place`): two codes per instruction, `half_pairs_dot`. EVEN: the tile's words
+    and features all exist (N a multiple of BN, K of BLOCK_K: every real layer), so one-row loads need no masks
+    (a masked load first zeroes its registers: 16 CS2R per w4 iteration).
     """
     PER: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PER // 2  # fields per 16 bits
     WORDS: tl.constexpr = BLOCK_K // PER
     words_at = k0 // PER + tl.arange(0, WORDS)
-    words = tl.load(plane_ptr + words_at[:, None] * N + offs_n[None, :],
-                    mask=(words_at[:, None] < K // PER) & n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
+    if EVEN:
+        words = tl.load(plane_ptr + words_at[:, None] * N + offs_n[None, :]).to(tl.uint32, bitcast=True)
+    else:
+        words = tl.load(plane_ptr + words_at[:, None] * N + offs_n[None, :],
+                        mask=(words_at[:, None] < K // PER) & n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
     fields = tl.arange(0, PER)
     k = k0 + tl.arange(0, WORDS)[:, None] * PER + fields[None, :]  # [WORDS, PER]
     if HALF_PAIRS:  # one fp16 row, two codes per instruction
-        dot, xsum = half_pairs_dot(x_tile, words, k, K, BITS)
+        dot, xsum = half_pairs_dot(x_tile, words, k, K, BITS, EVEN)
     elif BLOCK_M == 1:
         # field j is read in place from its 16-bit half: code * 2^(BITS*(j % HALF)), below 2^16
         rescale = ((127 - (fields % HALF) * BITS) << 23).to(tl.float32, bitcast=True)  # 2^-(BITS*(j % HALF)), exact
         # (a program's first row always exists: the grid has cdiv(M, BLOCK_M) row tiles)
-        x = tl.load(x_tile + k, mask=k < K, other=0.0).to(tl.float32)  # [WORDS, PER]
+        x = (tl.load(x_tile + k) if EVEN else tl.load(x_tile + k, mask=k < K, other=0.0)).to(tl.float32)  # [WORDS, PER]
         xs = field_columns(x * rescale[None, :], BITS)
         part = tl.zeros((WORDS, offs_n.shape[0]), dtype=tl.float32)
         # each 16-bit half under the fp32 magic's exponent once; a field is then one AND with one immediate

@@ -121,7 +121,7 @@ def gemm_fwd_kernel(
 def decode_splitk_kernel(
     x_ptr, qw_ptr, qh_ptr, qz_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, tickets_ptr, M, N, K, stride_xm, stride_ym,
     K_PER_SPLIT, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF_PAIRS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF_PAIRS: tl.constexpr, EVEN: tl.constexpr,
 ):
     """y = x @ W_hat^T (+ bias) for decode-sized M in one launch: program (n tile, K range, row tile) sums one
     K range; several ranges are added in order by the tile's last program (`finish_split`).
@@ -129,7 +129,8 @@ def decode_splitk_kernel(
     A program serves BLOCK_M rows, so a weight is loaded and unpacked once for all of them (M = 2..4 would
     otherwise read the whole weight once per row). At 2 and 4 bits the codes are read in place (`plane_dot`:
     an AND and a subtraction per weight, an FMA per row; HALF_PAIRS, one fp16 row: the same per pair of codes,
-    `configs.fp16_in_place`); 3-bit codes are combined from their two planes first.
+    `configs.fp16_in_place`); 3-bit codes are combined from their two planes first. EVEN: N a multiple of
+    BLOCK_N and K of BLOCK_K, no masks on the loop's code and one-row activation loads.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -154,7 +155,7 @@ def decode_splitk_kernel(
             xsum = tl.sum(x, axis=1)
         else:
             dot, xsum = plane_dot(x_tile, stride_xm, m_rows, qw_ptr, k0, offs_n, n_mask, K, N, BITS, BLOCK_K,
-                                  BLOCK_M, HALF_PAIRS)
+                                  BLOCK_M, HALF_PAIRS, EVEN)
         z = load_zeros(qz_ptr, gi, offs_n, N, BITS).to(tl.float32)
         s = tl.load(s_ptr + gi * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         # sum_k x_k (q - z) s = s * (sum_k x_k q_k - z * sum_k x_k): one multiply per group, not per weight

@@ -57,8 +57,6 @@ class E2EConfig:
     norm_lr_scale: float | None = option(None, "also train the normalisation weights (kept in fp by the format) at "
                                               "this multiple of the scales' lr; 0: scales only, as published; default "
                                               f"per bit-width {DEFAULT_NORM_LR_SCALE}, else 0")
-    hidden_weight: float = option(0.0, "with the kl loss, add this weight x each block output's squared error to the "
-                                        "fp model's over its energy, per token, averaged over blocks")
     gradient_checkpointing: bool = option(False, "recompute activations in backward (less memory, ~30% slower)")
     save_every: int = option(8, "E2E-QP steps between resumable saves")
 
@@ -67,8 +65,6 @@ class E2EConfig:
             raise ValueError(f"E2E-QP loss must be one of {LOSSES}, got {self.loss!r}")
         if (self.steps is not None and self.steps < 1) or min(self.batch_size, self.grad_accum, self.save_every) < 1:
             raise ValueError("E2E-QP needs steps, batch_size, grad_accum and save_every >= 1")
-        if not (self.hidden_weight >= 0 and math.isfinite(self.hidden_weight)):
-            raise ValueError(f"E2E-QP hidden_weight must be a number >= 0, got {self.hidden_weight}")
         if self.norm_lr_scale is not None and not (self.norm_lr_scale >= 0 and math.isfinite(self.norm_lr_scale)):
             raise ValueError(f"E2E-QP norm_lr_scale must be a number >= 0, got {self.norm_lr_scale}")
         for name in ("lr", "lr_scale"):
@@ -143,25 +139,16 @@ def token_loss_sum(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     return loss, int((labels != -100).sum())
 
 
-def kl_loss_sum(model: nn.Module, teacher: nn.Module, batch: dict, hidden_weight: float = 0.0
-                ) -> tuple[torch.Tensor, int]:
+def kl_loss_sum(model: nn.Module, teacher: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     """Summed KL(teacher || model) over the full vocabulary at every position whose label is trained
-    (all of a text window; the assistant tokens of instruction data), and the number of positions.
-    `hidden_weight` > 0 adds that multiple of each block output's relative squared error to the teacher's
-    (per token, over the target's energy, as Block-AP's loss; mean over blocks) at the same positions."""
-    hidden = hidden_weight > 0
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False,
-              "output_hidden_states": hidden}
-    out = model(**kwargs)
+    (all of a text window; the assistant tokens of instruction data), and the number of positions."""
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    logits = model(**kwargs).logits[:, :-1]
     with torch.no_grad():
-        ref = teacher(**kwargs)
+        target = teacher(**kwargs).logits[:, :-1]
     mask = batch["labels"][:, 1:] != -100
-    per_token = token_kl(ref.logits[:, :-1], out.logits[:, :-1])
-    if hidden:
-        pairs = list(zip(out.hidden_states[1:], ref.hidden_states[1:]))
-        rel = sum((h.float() - t.float()).pow(2).sum(-1) / t.float().pow(2).sum(-1).clamp_min(1e-6) for h, t in pairs)
-        per_token = per_token + hidden_weight * rel[:, :-1] / len(pairs)
-    return (per_token * mask).sum(), int(mask.sum())
+    kl = token_kl(target, logits)
+    return (kl * mask).sum(), int(mask.sum())
 
 
 class E2ETrainer:
@@ -299,7 +286,7 @@ class E2ETrainer:
             no_sync = model.no_sync() if self.ddp is not None and j < len(micro) - 1 else contextlib.nullcontext()
             with no_sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    loss_sum, _ = (kl_loss_sum(model, self.teacher, batch, self.cfg.hidden_weight) if self.cfg.loss == "kl"
+                    loss_sum, _ = (kl_loss_sum(model, self.teacher, batch) if self.cfg.loss == "kl"
                                    else token_loss_sum(model, batch))
                 (loss_sum / denom).backward()
             total += loss_sum.detach()  # summed on the device: one host sync per step, not per micro-batch

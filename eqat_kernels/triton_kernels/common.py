@@ -148,8 +148,8 @@ def plane_dot(x_tile, stride_xm, m_rows, plane_ptr, k0, offs_n, n_mask, K, N, BI
     after one conversion, shared by the rows' FMAs; a partial sum per field, [rows, words, fields, columns],
     is rescaled after the K sum (the one-row form spills at 4 rows, and so does the magic form). HALF_PAIRS
     (one fp16 row, `configs.fp16_in_place`): two codes per instruction, `half_pairs_dot`. EVEN: the tile's words
-    and features all exist (N a multiple of BN, K of BLOCK_K: every real layer), so one-row loads need no masks
-    (a masked load first zeroes its registers: 16 CS2R per w4 iteration).
+    and features all exist (N a multiple of BN, K of BLOCK_K: every real layer), so the code loads and the
+    one-row activation loads need no masks (a masked load first zeroes its registers: 16 CS2R per w4 iteration).
     """
     PER: tl.constexpr = 32 // BITS
     HALF: tl.constexpr = PER // 2  # fields per 16 bits

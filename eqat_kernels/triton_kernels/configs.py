@@ -195,7 +195,7 @@ def fit_block_k(block_k: int, group: int) -> int:
 
 
 # from this compute capability fp16 codes are read in place, under per-field exponents: the one-row decode at
-# 2/4 bits multiplies two codes per instruction (`common.half_pairs_dot`; PREDICTED on H100 w2g64 13.2 -> 8.9
+# 2/4 bits multiplies two codes per instruction (`common.half_pairs_dot`; PREDICTED on H100 w2g64 13.2 -> 8.7
 # instructions per weight byte, 28672x8192 4.87 -> 5.83x fp16 cuBLAS) and the fragment GEMM reads 2-bit codes and
 # both 3-bit planes without shifts (`common.magic_codes`; w3g128 M = 1 3.07 -> 4.24x, w2g64 M = 16 4.50 -> 4.93x). sm_80's builds of both are worse
 # (the decode's pair ANDs split into 16-bit halves and repacked: A100 w4g128 3.72 -> 3.22x; 3 bits 2.18 ->

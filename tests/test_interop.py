@@ -18,6 +18,7 @@ VARIANTS = [  # (bits, group, format, sym, act_order, with_g_idx)
     (3, 32, "gptq_v2", False, False, False),
     (3, 64, "gptq", False, True, True),
     (8, 32, "gptq_v2", True, False, True),
+    (8, 64, "gptq", False, False, True),  # asymmetric: q - z spans -255..255, past int8
 ]
 
 

@@ -21,7 +21,7 @@ def _packed_pair(bits, group, in_f=576, out_f=192, bias=True, seed=0):
     return trainable, packed
 
 
-@pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (4, 128), (4, -1)])
+@pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (4, 128), (4, -1), (8, 128)])
 def test_packed_forward_equals_fake_quant(bits, group):
     trainable, packed = _packed_pair(bits, group)
     x = torch.randn(5, 576, dtype=torch.float64)

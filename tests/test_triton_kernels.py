@@ -21,6 +21,8 @@ SHAPES = list(itertools.product((1, 3, 17, 130), (64, 192), (256, 576)))
 # a covering design: every (bits, group, dtype) once, shapes rotating so each appears three times
 CASES = [(b, g, d, *SHAPES[i % len(SHAPES)])
          for i, (b, g, d) in enumerate(itertools.product(BITS, GROUPS, DTYPES))]
+# 8-bit layers (foreign checkpoints) take the generic paths: the one fp16 row must not take the 2/4-bit pairs
+CASES += [(8, 128, torch.float16, 1, 192, 576), (8, 64, torch.bfloat16, 17, 64, 256), (8, -1, torch.float32, 3, 192, 576)]
 
 
 def _setup(bits, group, dtype, m, n, k):

@@ -31,9 +31,19 @@ ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": 
 SKIPPED_SOURCE_KEYS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
 
 
+Q4_1_MAX_BITS = 4  # a Q4_1 code is a nibble
+
+
+def check_exportable_bits(bits: int) -> None:
+    if bits > Q4_1_MAX_BITS:
+        raise ValueError(f"GGUF export writes Q4_1 (codes of at most {Q4_1_MAX_BITS} bits); this checkpoint has "
+                         f"{bits}-bit codes, which Q4_1 cannot hold")
+
+
 def q4_1_blocks(layer: QuantLinear) -> np.ndarray:
     """The layer's codes, scales and zero points as Q4_1 blocks: uint8 `[N, K/32 * 20]` (GGUF row order)."""
     spec = layer.spec
+    check_exportable_bits(spec.bits)
     if spec.in_features % Q4_1_BLOCK or (spec.group_size != -1 and spec.group % Q4_1_BLOCK):
         raise ValueError(f"Q4_1 needs K and the group size to be multiples of 32 (K={spec.in_features}, "
                          f"group={spec.group_size})")
@@ -102,8 +112,10 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     model_type = _model_type(checkpoint)
     if model_type not in ARCHITECTURES:  # refuse before loading anything
         raise ValueError(_unsupported(model_type))
+    qconfig = read_quantization_config(checkpoint)
+    check_exportable_bits(qconfig["bits"])
     model, tokenizer = load_quantized(checkpoint, dtype=torch.float32)
-    recorded = source_model(read_quantization_config(checkpoint)) or ""
+    recorded = source_model(qconfig) or ""
     source = Path(recorded) if recorded.endswith(".gguf") and Path(recorded).is_file() else None
     return save_gguf(model, tokenizer, out, source_gguf=source, tokenizer_dir=checkpoint)
 

@@ -99,3 +99,15 @@ def test_architectures_gguf_cannot_express_are_refused(tmp_path, capsys):
     assert json.loads((ckpt / "config.json").read_text())["model_type"] == "gpt2"
     model, _ = load_quantized(ckpt)  # GPT-2's Conv1D layers come back as QuantLinears
     assert isinstance(model.transformer.h[0].attn.c_attn, QuantLinear)
+
+
+def test_codes_wider_than_a_nibble_are_refused(tiny_model_dir, tmp_path, capsys):
+    """An 8-bit checkpoint cannot be Q4_1: refused by name, no file (its codes would be OR-ed into nibbles)."""
+    ckpt = tmp_path / "w8"
+    run_quantize(model=str(tiny_model_dir), out=str(ckpt), method="rtn", bits=8, group_size=32, **TINY)
+    assert cli_main(["export", str(ckpt), "--out", str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "8-bit codes, which Q4_1 cannot hold" in err
+    assert not (tmp_path / "x.gguf").exists()
+    with pytest.raises(ValueError, match="8-bit codes"):
+        q4_1_blocks(load_quantized(ckpt)[0].model.layers[0].mlp.down_proj)

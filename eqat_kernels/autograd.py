@@ -40,8 +40,8 @@ class TritonPath:
 
 
 class ReferencePath:
-    """CPU training: dense `(q - z)` is cached once (int8; int16 for 8-bit codes), `W_hat` is rebuilt from the
-    current scales."""
+    """CPU training: dense `(q - z)` is cached once (`reference.compact_codes_minus_zeros`), `W_hat` is rebuilt
+    from the current scales."""
 
     def __init__(self, codes_minus_zeros: torch.Tensor, spec: QuantSpec):
         self.cmz, self.spec = codes_minus_zeros, spec

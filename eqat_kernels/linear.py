@@ -202,9 +202,7 @@ class QuantLinear(nn.Module):
 
     def _reference_path(self) -> ReferencePath:
         if "reference" not in self._cache:
-            # int8 holds q - z of up to 7 bits; 8-bit codes span -255..255
-            small = torch.int8 if self.spec.bits < 8 else torch.int16
-            cmz = reference.codes_minus_zeros(self._kernel_qweight(), self.qzeros, self.spec).to(small)
+            cmz = reference.compact_codes_minus_zeros(self._kernel_qweight(), self.qzeros, self.spec)
             self._cache["reference"] = ReferencePath(cmz, self.spec)
         return self._cache["reference"]
 

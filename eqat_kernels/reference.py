@@ -19,6 +19,13 @@ def codes_minus_zeros(qweight: torch.Tensor, qzeros: torch.Tensor, spec: QuantSp
     return q - expand_groups(z, spec)
 
 
+def compact_codes_minus_zeros(qweight: torch.Tensor, qzeros: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """`codes_minus_zeros` in the smallest integer type that holds it (|q - z| <= qmax): what a training path
+    caches per layer."""
+    small = torch.int8 if spec.qmax <= torch.iinfo(torch.int8).max else torch.int16
+    return codes_minus_zeros(qweight, qzeros, spec).to(small)
+
+
 def dequantize(
     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, spec: QuantSpec,
     dtype: torch.dtype = torch.float32,

@@ -207,10 +207,11 @@ def fp16_in_place(capability: int, dtype_is_fp16: bool) -> bool:
     return dtype_is_fp16 and capability >= IN_PLACE_FP16_MIN_CAPABILITY
 
 
-def half_pairs(capability: int, dtype_is_fp16: bool, bits: int, block_m: int) -> bool:
-    """Whether the decode multiplies two codes per instruction (`common.half_pairs_dot`): one fp16 row, codes
-    that fit a view's 8 payload bits with room for a pair per half (2 and 4 bits; 8-bit codes fill a view)."""
-    return fp16_in_place(capability, dtype_is_fp16) and block_m == 1 and bits in (2, 4)
+def half_pairs(in_place: bool, bits: int, block_m: int) -> bool:
+    """Whether the decode multiplies two codes per instruction (`common.half_pairs_dot`): fp16 codes read in place
+    (`fp16_in_place`), one row, codes that fit a view's 8 payload bits with room for a pair per half (2 and 4
+    bits; 8-bit codes fill a view)."""
+    return in_place and block_m == 1 and bits in (2, 4)
 
 
 @functools.cache  # asked on every forward call; depends only on the curated candidates

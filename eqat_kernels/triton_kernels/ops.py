@@ -174,7 +174,7 @@ def forward(x, weight: KernelWeight, scales, spec: QuantSpec, bias=None, config:
             x2, *weight, scales, y if bias is None else bias, y, ws, _tickets(x.device, n_tiles * m_tiles),
             m, n, k, x2.stride(0), y.stride(0), k_per_split, GROUP=spec.group, BITS=spec.bits,
             HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
-            HALF_PAIRS=half_pairs(capability, x.dtype == torch.float16, spec.bits, cfg.block_m),
+            HALF_PAIRS=half_pairs(in_place, spec.bits, cfg.block_m),
             EVEN=n % cfg.block_n == 0 and k % bk == 0,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
